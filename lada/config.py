@@ -1,0 +1,357 @@
+"""Run configuration: dataclasses, TOML loading and validation.
+
+A run is described by one TOML file. Every table maps to a dataclass below (or, for
+``[host]`` and ``[plugin]``, to the config dataclass that lives next to the host or
+plug-in it configures). Loading validates every key and type and names the file and
+field of anything wrong, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or table is invalid; the message names the file and the field."""
+
+
+TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+DATA_SOURCES = ("synthetic", "gsm8k", "strategyqa", "aqua", "jsonl")
+PARTITIONS = ("domain", "dirichlet", "iid")
+ENGINES = ("simulation", "deployment", "inline")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """One participant's model. ``name`` is a tiny family built from this config
+    (``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``) or any Hugging Face causal LM, by hub
+    name or local path."""
+
+    name: str = "tiny-llama"
+    hidden_size: int = 96  # tiny families only
+    num_layers: int = 3
+    num_heads: int = 4
+    vocab_size: int = 640  # size of the locally trained BPE tokenizer (tiny only)
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    lora_r: int = 0  # 0: full fine-tuning; >0: LoRA adapters of this rank
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    warmup_steps: int = 0  # optimizer steps on the node's starting data before round 1
+    warmup_lr: float = 3e-3
+    warmup_batch_size: int = 16
+    checkpoint: str = ""  # start from this saved model directory instead of warm-up
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name in TINY_FAMILIES
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.is_tiny and self.hidden_size % self.num_heads:
+            raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _positive(self, where, "hidden_size", "num_layers", "num_heads", "vocab_size", "warmup_batch_size")
+        _non_negative(self, where, "lora_r", "warmup_steps")
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are split into client shards, the public
+    set and the held-out sets."""
+
+    source: str = "synthetic"
+    path: str = ""  # data file for file sources; empty: the copy shipped in the repo
+    num_clients: int = 3
+    train_per_client: int = 300
+    test_per_client: int = 100
+    public_size: int = 300
+    server_test_size: int = 150  # held-out, all domains: the LLM's test set
+    server_train_size: int = 2000  # server warm-up data, disjoint from the rest
+    partition: str = "domain"
+    dirichlet_alpha: float = 0.5
+    domains: list[str] = field(default_factory=lambda: ["shop", "farm", "travel"])  # synthetic client domains
+    skip_bad_lines: bool = False  # report and skip malformed lines instead of stopping
+
+    def validate(self, where: str) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"{where}.source: must be one of {DATA_SOURCES}, got {self.source!r}")
+        if self.partition not in PARTITIONS:
+            raise ConfigError(f"{where}.partition: must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.source == "jsonl" and not self.path:
+            raise ConfigError(f"{where}.path: required when source = 'jsonl'")
+        _positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size", "server_test_size")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"{where}.dirichlet_alpha: must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every participant's training steps."""
+
+    lr: float = 1e-3
+    batch_size: int = 16
+    local_steps: int = 40  # client optimizer steps per round
+    server_steps: int = 40  # server optimizer steps per round (hosts that update the LLM)
+    max_length: int = 256  # tokens of prompt + target
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "lr", "batch_size", "max_length")
+        _non_negative(self, where, "local_steps", "server_steps")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling of reasoning paths and greedy evaluation."""
+
+    paths_per_question: int = 2
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    eval_batch_size: int = 128
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "paths_per_question", "max_new_tokens", "batch_size", "eval_batch_size")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}.top_p: must be in (0, 1]")
+        if self.temperature < 0:
+            raise ConfigError(f"{where}.temperature: must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    """How the federation is executed."""
+
+    kind: str = "simulation"  # simulation | deployment | inline (one process, no Flower; for debugging)
+    superlink: str = ""  # deployment: address of the SuperLink's control API (empty: local federation)
+    insecure: bool = True
+    cpus_per_client: float = 1.0  # simulation: Ray CPU share of one ClientApp
+    reply_timeout_s: float = 3600.0
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ENGINES:
+            raise ConfigError(f"{where}.kind: must be one of {ENGINES}, got {self.kind!r}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 3
+    run_dir: str = ""  # default: runs/<name>
+    cache_dir: str = ""  # warm-up cache; default: LADA_CACHE or ~/.cache/lada
+    host: dict = field(default_factory=lambda: {"name": "cot"})
+    plugin: dict = field(default_factory=lambda: {"name": "none"})
+    data: DataConfig = field(default_factory=DataConfig)
+    server: ModelConfig = field(default_factory=lambda: ModelConfig(name="tiny-llama", hidden_size=192, num_layers=4))
+    clients: list[ModelConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    source_file: str = ""  # where this config was loaded from (set by the loader)
+
+    @property
+    def host_name(self) -> str:
+        return self.host.get("name", "cot")
+
+    @property
+    def plugin_name(self) -> str:
+        return self.plugin.get("name", "none")
+
+    def validate(self, where: str = "config") -> None:
+        _positive(self, where, "rounds")
+        if self.rounds < 0:
+            raise ConfigError(f"{where}.rounds: must be >= 0")
+        for name, sub in (("data", self.data), ("server", self.server), ("train", self.train),
+                          ("generation", self.generation), ("engine", self.engine)):
+            sub.validate(f"{where} [{name}]")
+        if not self.clients:
+            raise ConfigError(f"{where}: at least one [[clients]] table is required")
+        if len(self.clients) != self.data.num_clients:
+            raise ConfigError(f"{where}: {len(self.clients)} [[clients]] tables but data.num_clients = {self.data.num_clients}")
+        for k, c in enumerate(self.clients):
+            c.validate(f"{where} [[clients]] #{k}")
+        # Host and plug-in options are checked by their own config dataclasses.
+        from lada.hosts import host_config
+        from lada.plugin import plugin_config
+
+        host_config(self, where)
+        plugin_config(self, where)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_file")
+        return d
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short stable hash of the given config parts (for cache keys)."""
+        blob = json.dumps(parts, sort_keys=True, default=_jsonable)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def _jsonable(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+def _positive(obj: Any, where: str, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{where}.{n}: must be > 0, got {getattr(obj, n)!r}")
+
+
+def _non_negative(obj: Any, where: str, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{where}.{n}: must be >= 0, got {getattr(obj, n)!r}")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking keys and types.
+
+    Unknown keys and wrong types raise ConfigError naming ``where`` and the key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got bool {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_from_dict(data: dict, where: str = "config") -> RunConfig:
+    cfg = build_dataclass(RunConfig, data, where)
+    cfg.source_file = where
+    cfg.validate(where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config from TOML, applying ``key.sub=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for ov in overrides or []:
+        apply_override(data, ov, str(path))
+    return config_from_dict(data, str(path))
+
+
+def apply_override(data: dict, override: str, where: str = "override") -> None:
+    """Apply ``a.b.c=value`` (value parsed as TOML, else taken as a string)."""
+    if "=" not in override:
+        raise ConfigError(f"{where}: override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        if p.isdigit() and isinstance(node, list):
+            node = node[int(p)]
+        else:
+            node = node.setdefault(p, {})
+    last = parts[-1]
+    if last.isdigit() and isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def dump_toml(d: dict) -> str:
+    """Write a nested dict (scalars, lists, tables, lists of tables) as TOML."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(prefix: str, t: dict) -> None:
+        simple = {k: v for k, v in t.items() if not isinstance(v, dict) and not _is_table_list(v)}
+        for k, v in simple.items():
+            lines.append(f"{k} = {scalar(v)}")
+        for k, v in t.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                lines.append(f"\n[{name}]")
+                table(name, v)
+            elif _is_table_list(v):
+                for item in v:
+                    lines.append(f"\n[[{name}]]")
+                    table(name, item)
+
+    table("", d)
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)

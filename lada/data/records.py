@@ -1,0 +1,77 @@
+"""The one record type every loader produces, and the prompt/target text format.
+
+Every model in a federation sees the same text layout, so a reasoning path written by
+one model can be scored or learned by any other with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+AnswerType = Literal["number", "option", "yesno"]
+ANSWER_TYPES: tuple[str, ...] = ("number", "option", "yesno")
+
+# The answer line marker (GSM8K style). Generation stops after the line that holds it.
+ANSWER_MARKER = "####"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One reasoning example.
+
+    ``rationale`` holds the reasoning steps, one per line, without the answer line.
+    ``answer`` is the canonical gold answer as text: a number (``"18"``, ``"-2.5"``),
+    an option letter (``"C"``) or ``"yes"``/``"no"``.
+    """
+
+    id: str
+    question: str
+    rationale: str
+    answer: str
+    answer_type: AnswerType
+    domain: str = "general"
+    source: str = ""
+    options: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.answer_type not in ANSWER_TYPES:
+            raise ValueError(f"Example {self.id!r}: answer_type must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
+
+    @property
+    def num_steps(self) -> int:
+        return sum(1 for line in self.rationale.splitlines() if line.strip())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["options"] = list(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Example":
+        d = dict(d)
+        d["options"] = tuple(d.get("options") or ())
+        return cls(**d)
+
+
+def format_prompt(question: str, options: tuple[str, ...] | list[str] = ()) -> str:
+    """The text a model is conditioned on. Options (AQuA) are listed one per line."""
+    text = f"Question: {question.strip()}\n"
+    if options:
+        text += "Options: " + " ".join(o.strip() for o in options) + "\n"
+    return text + "Answer:\n"
+
+
+def format_target(rationale: str, answer: str) -> str:
+    """The text a model learns to produce: rationale lines, then the answer line."""
+    rationale = rationale.strip()
+    body = f"{rationale}\n" if rationale else ""
+    return f"{body}{ANSWER_MARKER} {answer}"
+
+
+def example_prompt(ex: Example) -> str:
+    return format_prompt(ex.question, ex.options)
+
+
+def example_target(ex: Example) -> str:
+    return format_target(ex.rationale, ex.answer)
