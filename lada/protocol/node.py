@@ -1,0 +1,183 @@
+"""Node state: what one participant (the server or client k) holds between messages.
+
+Flower ClientApps are ephemeral (a fresh process or actor call per message), so a
+node keeps its model, data view and small state on disk under its workspace folder.
+Within one process, models are cached and reloaded only when the saved version changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lada.config import ModelConfig, RunConfig
+    from lada.data.partition import FederatedData
+    from lada.models.loading import LoadedModel
+
+# (workspace, version) -> LoadedModel, for the process's lifetime.
+_MODEL_CACHE: dict[str, tuple[int, "LoadedModel"]] = {}
+
+
+def cache_dir(cfg: "RunConfig") -> Path:
+    return Path(cfg.cache_dir or os.environ.get("LADA_CACHE") or Path.home() / ".cache" / "lada")
+
+
+class Node:
+    """Shared behaviour of server and client nodes."""
+
+    participant: str  # "llm" or "client-<k>"
+
+    def __init__(self, cfg: "RunConfig", workspace: Path) -> None:
+        self.cfg = cfg
+        self.workspace = Path(workspace)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = self._read_state()
+
+    # ---- small JSON state (counters, metrics of the current round, plug-in bits)
+    def _read_state(self) -> dict[str, Any]:
+        p = self.workspace / "state.json"
+        return json.loads(p.read_text()) if p.exists() else {"model_version": 0, "metrics": {}}
+
+    def save_state(self) -> None:
+        tmp = self.workspace / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        tmp.replace(self.workspace / "state.json")
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Record a number for this round's metrics row (sent with the evaluation)."""
+        self.state.setdefault("metrics", {})[name] = float(value)
+
+    def pop_metrics(self) -> dict[str, float]:
+        m = self.state.get("metrics", {})
+        self.state["metrics"] = {}
+        return m
+
+    # ---- model
+    @property
+    def model_cfg(self) -> "ModelConfig":
+        raise NotImplementedError
+
+    @property
+    def seed(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def model_dir(self) -> Path:
+        return self.workspace / "model"
+
+    def initial_checkpoint(self) -> Path:
+        """The warmed-up starting model of this participant (cached on disk)."""
+        raise NotImplementedError
+
+    def model(self) -> "LoadedModel":
+        from lada.models.loading import load_model
+
+        key = str(self.workspace.resolve())
+        version = int(self.state.get("model_version", 0))
+        hit = _MODEL_CACHE.get(key)
+        if hit and hit[0] == version:
+            return hit[1]
+        path = self.model_dir if self.model_dir.exists() else self.initial_checkpoint()
+        lm = load_model(self.model_cfg, path)
+        _MODEL_CACHE[key] = (version, lm)
+        return lm
+
+    def save_model(self, lm: "LoadedModel") -> None:
+        """Persist an updated model; the new version invalidates other processes' caches."""
+        from lada.models.loading import save_model
+
+        tmp = self.workspace / "model.tmp"
+        save_model(lm, tmp)
+        if self.model_dir.exists():
+            old = self.workspace / "model.old"
+            self.model_dir.rename(old)
+            tmp.rename(self.model_dir)
+            _rmtree(old)
+        else:
+            tmp.rename(self.model_dir)
+        self.state["model_version"] = int(self.state.get("model_version", 0)) + 1
+        self.save_state()
+        _MODEL_CACHE[str(self.workspace.resolve())] = (self.state["model_version"], lm)
+
+    @cached_property
+    def data(self) -> "FederatedData":
+        from lada.data import build_federated_data
+
+        return build_federated_data(self.cfg.data, self.cfg.seed)
+
+
+class ServerNode(Node):
+    participant = "llm"
+
+    @property
+    def model_cfg(self) -> "ModelConfig":
+        return self.cfg.server
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed * 1000 + 999
+
+    def initial_checkpoint(self) -> Path:
+        from lada.models.warmup import participant_checkpoint
+
+        return participant_checkpoint(self.cfg, "llm")
+
+    @property
+    def public(self):
+        return self.data.public
+
+    @property
+    def test_set(self):
+        return self.data.server_test
+
+    @property
+    def train_set(self):
+        return self.data.server_train
+
+
+class ClientNode(Node):
+    def __init__(self, cfg: "RunConfig", index: int, workspace: Path) -> None:
+        if not 0 <= index < len(cfg.clients):
+            raise ValueError(f"client index {index} out of range: the config has {len(cfg.clients)} clients")
+        self.index = index
+        self.participant = f"client-{index}"
+        super().__init__(cfg, workspace)
+
+    @property
+    def model_cfg(self) -> "ModelConfig":
+        return self.cfg.clients[self.index]
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed * 1000 + self.index
+
+    def initial_checkpoint(self) -> Path:
+        from lada.models.warmup import participant_checkpoint
+
+        return participant_checkpoint(self.cfg, self.participant)
+
+    @property
+    def public(self):
+        return self.data.public
+
+    @property
+    def train_set(self):
+        return self.data.clients[self.index].train
+
+    @property
+    def test_set(self):
+        return self.data.clients[self.index].test
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def server_workspace(cfg: "RunConfig") -> Path:
+    return cfg.resolved_run_dir() / "nodes" / "server"
