@@ -1,0 +1,169 @@
+"""Warm-up: train a participant's tiny model on its starting data before round 1.
+
+From-scratch tiny models need on the order of a thousand optimizer steps before they
+reason at all (loss drops sharply between steps 500 and 1000), which is longer than a
+whole demo federation. So a warm-up is budgeted in optimizer steps, not seconds, and
+cached under a fingerprint of everything that determines it: the model config, the
+training data ids, the tokenizer corpus and the seed. The default config's warm-ups are
+shipped in the repo's ``checkpoints/`` folder, so a fresh clone never trains them.
+
+Lookup order in :func:`warmup_checkpoint`: ``model_cfg.checkpoint`` if set, then the
+shipped ``checkpoints/<fingerprint>``, then ``<cache_dir>/warmup/<fingerprint>``, else
+train (into a temporary directory that is renamed into place when complete, so a
+crashed or concurrent warm-up never leaves a half-written checkpoint).
+
+Regenerate the shipped checkpoints and print the calibration table with::
+
+    python -m lada.models.warmup configs/default.toml --ship
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from lada.config import ModelConfig, RunConfig, TrainConfig
+from lada.data.records import Example, example_prompt, example_target
+
+if TYPE_CHECKING:
+    from lada.data.partition import FederatedData
+
+RECIPE_VERSION = 1  # bump when the warm-up procedure changes, so old caches are not reused
+REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+META = "meta.json"
+
+# A warm-up stage: train `steps` optimizer steps on these examples.
+Stage = tuple[list[Example], int]
+
+# ModelConfig fields that shape a warm-up. Device is left out (same result anywhere, up
+# to float noise), and so are the LoRA fields: warm-up always trains the full model in
+# float32; adapters, if any, are added fresh when the checkpoint is loaded.
+_MODEL_KEYS = ("name", "hidden_size", "num_layers", "num_heads", "vocab_size",
+               "warmup_steps", "warmup_lr", "warmup_batch_size")
+_TRAIN_KEYS = ("max_length", "weight_decay", "grad_clip")
+
+
+def corpus_hash(corpus: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for text in corpus:
+        h.update(len(text).to_bytes(8, "little"))  # length prefix: texts cannot run together
+        h.update(text.encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_inputs(model_cfg: ModelConfig, stages: Sequence[Stage], corpus: Sequence[str], seed: int,
+                       train_cfg: TrainConfig | None = None) -> dict:
+    """Everything a warm-up depends on, as plain JSON (also written into meta.json)."""
+    train_cfg = train_cfg or TrainConfig()
+    ids = hashlib.sha256()
+    for examples, _ in stages:
+        ids.update(json.dumps([ex.id for ex in examples]).encode())
+    return {
+        "recipe": RECIPE_VERSION,
+        "model": {k: getattr(model_cfg, k) for k in _MODEL_KEYS},
+        "train": {k: getattr(train_cfg, k) for k in _TRAIN_KEYS},
+        "stages": [{"examples": len(ex), "steps": steps} for ex, steps in stages],
+        "example_ids": ids.hexdigest()[:16],
+        "corpus": corpus_hash(corpus),
+        "seed": seed,
+    }
+
+
+def warmup_fingerprint(model_cfg: ModelConfig, stages: Sequence[Stage], corpus: Sequence[str], seed: int,
+                       train_cfg: TrainConfig | None = None) -> str:
+    inputs = fingerprint_inputs(model_cfg, stages, corpus, seed, train_cfg)
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{model_cfg.name}-d{model_cfg.hidden_size}x{model_cfg.num_layers}-{digest}"
+
+
+def find_shipped_checkpoint(fingerprint: str, root: str | Path | None = None) -> Path | None:
+    """The shipped checkpoint with this fingerprint (repo-root ``checkpoints/``), if any."""
+    path = Path(root or REPO_CHECKPOINTS) / fingerprint
+    return path if (path / META).is_file() else None
+
+
+def _stages(model_cfg: ModelConfig, examples: list[Example], stages: Sequence[Stage] | None) -> list[Stage]:
+    if stages is None:
+        return [(list(examples), model_cfg.warmup_steps)]
+    if examples:
+        raise ValueError("warmup_checkpoint: pass either examples (one stage of warmup_steps) or stages, not both")
+    return [(list(ex), int(steps)) for ex, steps in stages]
+
+
+def warmup_checkpoint(model_cfg: ModelConfig, examples: list[Example], corpus: list[str], seed: int,
+                      cache_dir: str | Path, train_cfg: TrainConfig | None = None, progress: bool = True,
+                      stages: Sequence[Stage] | None = None, use_shipped: bool = True) -> Path:
+    """The directory of this participant's warmed-up model, training it if needed.
+
+    Without ``stages``: ``model_cfg.warmup_steps`` steps on ``examples``. With
+    ``stages`` (and empty ``examples``): each (examples, steps) stage in turn, e.g. a
+    general stage then a short domain specialisation. Learning rate and batch size are
+    ``model_cfg.warmup_lr`` / ``warmup_batch_size``; the rest of ``train_cfg`` applies.
+    """
+    if model_cfg.checkpoint:
+        path = Path(model_cfg.checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model checkpoint {model_cfg.checkpoint!r} (model {model_cfg.name!r}) is not a directory")
+        return path
+    plan = _stages(model_cfg, examples, stages)
+    for i, (ex, steps) in enumerate(plan):
+        if steps > 0 and not ex:
+            raise ValueError(f"warm-up of {model_cfg.name!r}: stage {i} has {steps} steps but no examples")
+    fp = warmup_fingerprint(model_cfg, plan, corpus, seed, train_cfg)
+    if use_shipped and (shipped := find_shipped_checkpoint(fp)):
+        return shipped
+    final = Path(cache_dir) / "warmup" / fp
+    if (final / META).is_file():
+        return final
+    tmp = final.with_name(f"{fp}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = _train(model_cfg, plan, corpus, seed, cache_dir, train_cfg, progress, tmp)
+    meta.update(fingerprint=fp, inputs=fingerprint_inputs(model_cfg, plan, corpus, seed, train_cfg))
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished the same warm-up first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / META).is_file():
+            raise
+    return final
+
+
+def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: int, cache_dir: str | Path,
+           train_cfg: TrainConfig | None, progress: bool, out: Path) -> dict:
+    from lada.models.loading import build_model, save_model
+    from lada.models.training import train_steps
+
+    cfg = dataclasses.replace(model_cfg, lora_r=0, dtype="float32", checkpoint="")
+    tcfg = dataclasses.replace(train_cfg or TrainConfig(), lr=model_cfg.warmup_lr,
+                               batch_size=model_cfg.warmup_batch_size)
+    start = time.perf_counter()
+    lm = build_model(cfg, corpus, seed, cache_dir)
+    stage_meta = []
+    for i, (examples, steps) in enumerate(plan):
+        if steps <= 0:
+            continue
+        pairs = [(example_prompt(ex), example_target(ex)) for ex in examples]
+        t0 = time.perf_counter()
+        stats = train_steps(lm, pairs, steps, tcfg, seed + i, desc=f"warm-up {cfg.name} stage {i + 1}" if progress else "")
+        stage_meta.append({"steps": steps, "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1),
+                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
+    seconds = time.perf_counter() - start
+    save_model(lm, out)
+    last = stage_meta[-1] if stage_meta else {}
+    return {"steps": sum(s for _, s in plan), "seconds": round(seconds, 1),
+            "final_loss": last.get("final_loss", last.get("loss")), "stages": stage_meta,
+            "params": lm.num_parameters()}
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
