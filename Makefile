@@ -1,0 +1,40 @@
+# One obvious way to run each thing. `make demo` and `make test` create the virtual
+# environment on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: venv demo test test-fast bench warmup clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lada run configs/default.toml --run-dir runs/demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python -m lada.experiments.bench --out bench/results.json
+
+warmup: $(STAMP)
+	$(BIN)/lada warmup configs/default.toml --ship
+
+clean:
+	rm -rf runs .pytest_cache

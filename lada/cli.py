@@ -1,0 +1,175 @@
+"""Command line: `lada run | eval | warmup | federation | report`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="%X",
+                        handlers=[RichHandler(show_path=False, markup=False)])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args) -> "RunConfig":  # noqa: F821
+    from lada.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    if getattr(args, "run_dir", None):
+        overrides.append(f'run_dir="{args.run_dir}"')
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    from lada.experiments.runner import run
+
+    cfg = _load(args)
+    run(cfg, engine=args.engine, superlink=args.superlink, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lada.config import load_config
+    from lada.data import build_federated_data
+    from lada.data.loaders import load_dataset
+    from lada.models.generation import evaluate
+    from lada.models.loading import load_model
+
+    ckpt = Path(args.checkpoint)
+    cfg_path = Path(args.config) if args.config else _find_run_config(ckpt)
+    cfg = load_config(cfg_path)
+    part = args.participant or _participant_of(ckpt)
+    model_cfg = cfg.server if part == "llm" else cfg.clients[int(part.split("-")[1])]
+    lm = load_model(model_cfg, ckpt)
+    if args.data:
+        source, _, path = args.data.partition(":")
+        examples = load_dataset(source, path)
+    else:
+        data = build_federated_data(cfg.data, cfg.seed)
+        examples = data.server_test if part == "llm" else data.clients[int(part.split("-")[1])].test
+    if args.limit:
+        examples = examples[: args.limit]
+    res = evaluate(lm, examples, cfg.generation)
+    print(f"{part} @ {ckpt}: accuracy {res.accuracy:.4f} on {res.n} examples")
+    for steps, acc in sorted(getattr(res, "by_steps", {}).items()):
+        print(f"  {steps} step(s): {acc:.3f}")
+    return 0
+
+
+def _find_run_config(ckpt: Path) -> Path:
+    for parent in [ckpt, *ckpt.parents]:
+        if (parent / "config.toml").exists() and (parent / "metrics.jsonl").exists():
+            return parent / "config.toml"
+    raise SystemExit(f"{ckpt}: no run directory above it; pass --config")
+
+
+def _participant_of(ckpt: Path) -> str:
+    for part in (ckpt, *ckpt.parents):
+        if part.name == "server":
+            return "llm"
+        if part.name.startswith("client-"):
+            return part.name
+    raise SystemExit(f"{ckpt}: cannot tell whose checkpoint this is; pass --participant llm|client-K")
+
+
+def cmd_warmup(args) -> int:
+    from lada.models.warmup import warmup_main
+
+    cfg = _load(args)
+    return warmup_main(cfg, ship=args.ship)
+
+
+def cmd_federation(args) -> int:
+    from lada.engines.local import federation_down, federation_up
+
+    state = Path(args.state_dir)
+    if args.action == "up":
+        info = federation_up(args.clients, state)
+        print(f"SuperLink at {info.get('superlink')} with {args.clients} SuperNode(s); state in {state}")
+        print(f"run with: lada run CONFIG --engine deployment --superlink {info.get('control', info.get('superlink'))}")
+    else:
+        federation_down(state)
+        print("local federation stopped")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lada.experiments.report import read_metrics
+    from lada.experiments.runner import finish_run
+
+    run_dir = Path(args.run_dir)
+    finish_run(run_dir, read_metrics(run_dir / "metrics.jsonl"), title=run_dir.name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lada", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a federation from a TOML config")
+    r.add_argument("config")
+    r.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None,
+                   help="default: [engine].kind of the config")
+    r.add_argument("--superlink", default=None, help="deployment: SuperLink control address (host:port)")
+    r.add_argument("--run-dir", default=None)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="score a saved checkpoint on a dataset")
+    e.add_argument("checkpoint", help="a model directory, e.g. runs/demo/nodes/client-0/model")
+    e.add_argument("--config", default=None, help="run config (default: the run directory's config.toml)")
+    e.add_argument("--participant", default=None, help="llm or client-K (default: from the path)")
+    e.add_argument("--data", default=None, help="SOURCE[:PATH], e.g. gsm8k or jsonl:my.jsonl (default: the participant's test set)")
+    e.add_argument("--limit", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies")
+    w.add_argument("config")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE")
+    w.add_argument("--ship", action="store_true", help="also copy the checkpoints into the repo's checkpoints/ folder")
+    w.set_defaults(func=cmd_warmup)
+
+    f = sub.add_parser("federation", help="bring a local SuperLink + SuperNodes up or down")
+    f.add_argument("action", choices=["up", "down"])
+    f.add_argument("--clients", type=int, default=3)
+    f.add_argument("--state-dir", default=".lada-federation")
+    f.set_defaults(func=cmd_federation)
+
+    rp = sub.add_parser("report", help="rewrite a run's table and plot from its metrics.jsonl")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from lada.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
