@@ -1,0 +1,359 @@
+"""Reading answers out of generated text, and checking them.
+
+Generated text can be anything (a half-trained model writes garbage), so every function
+here accepts any string and never raises on it. Rules, in short (details in docs/data.md):
+
+- The answer is read from the text after the *last* ``####`` marker (first non-empty
+  line after it). Without a marker we fall back: first an explicit "answer is X" phrase
+  (the last one), then the last number (``number``), the last parenthesised/``X)`` letter
+  (``option``) or the last yes/no/true/false word (``yesno``).
+- Numbers are compared by value: commas, ``$``, ``%``, units and trailing periods are
+  ignored, ``3.0 == 3``, ``1/2 == 0.5``.
+- Calculator notes ``<<expr=value>>`` are evaluated with a small AST-based arithmetic
+  evaluator (no ``eval``); an unparsable note counts as a wrong step.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from lada.data.records import ANSWER_MARKER, Example
+
+# ----------------------------------------------------------------------------- numbers
+
+# A number token: optional sign (only when not glued to a preceding word or number, so
+# "10-3" is two numbers), optional "$", then a fraction, a thousands-grouped number or a
+# plain number with optional decimals.
+_NUMBER_RE = re.compile(
+    r"(?<![\w).])(?P<sign>[-\u2212+]?)\s?\$?\s?"
+    r"(?P<num>\d+\s*/\s*\d+(?![\d.,])|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d+)?|\.\d+)"
+)
+_REL_TOL = 1e-6
+
+
+def _to_decimal(sign: str, num: str) -> Decimal | None:
+    try:
+        if "/" in num:
+            a, b = (int(x) for x in num.split("/"))
+            if b == 0:
+                return None
+            value = Decimal(a) / Decimal(b)
+        else:
+            value = Decimal(num.replace(",", ""))
+    except (InvalidOperation, ValueError):
+        return None
+    return -value if sign in ("-", "\u2212") else value
+
+
+def _canonical(value: Decimal) -> str:
+    """``Decimal`` -> shortest plain string: ``3.0`` -> ``3``, ``-0`` -> ``0``, ``2.50`` -> ``2.5``."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def find_numbers(text: str) -> list[str]:
+    """All number tokens in ``text``, each as a canonical number string."""
+    out = []
+    for m in _NUMBER_RE.finditer(text):
+        value = _to_decimal(m["sign"], m["num"])
+        if value is not None:
+            out.append(_canonical(value))
+    return out
+
+
+def canonical_number(text: str) -> str | None:
+    """Canonical form of a string that *is* a number (gold answers): ``"1,234"`` -> ``"1234"``,
+    ``"-$5.50"`` -> ``"-5.5"``, ``"3.0"`` -> ``"3"``. ``None`` if it is not exactly one number
+    (a trailing period, ``%`` or ``$`` is tolerated)."""
+    s = text.strip().rstrip(".").strip()
+    s = s.removesuffix("%").strip()
+    m = _NUMBER_RE.fullmatch(s) or _NUMBER_RE.fullmatch(s.replace("$", "", 1))
+    if m is None:
+        return None
+    value = _to_decimal(m["sign"], m["num"])
+    return None if value is None else _canonical(value)
+
+
+def numbers_equal(a: str, b: str) -> bool:
+    """Numeric equality of two canonical number strings, with a relative tolerance."""
+    try:
+        x, y = Decimal(a), Decimal(b)
+    except InvalidOperation:
+        return False
+    return abs(x - y) <= Decimal(str(_REL_TOL)) * max(Decimal(1), abs(y))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+_ANSWER_PHRASE = r"(?i:\b(?:answer|ans)\s*(?:is|:|=|-)?\s*(?:option|choice)?\s*[:\-]?\s*)"
+_OPTION_WORD = r"(?i:\b(?:option|choice)\s*[:\-]?\s*)"
+_YESNO_RE = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+
+
+def answer_segment(text: str) -> str | None:
+    """The text of the answer line: first non-empty line after the last ``####``."""
+    if ANSWER_MARKER not in text:
+        return None
+    rest = text.rsplit(ANSWER_MARKER, 1)[1].strip()
+    return rest.splitlines()[0].strip() if rest else ""
+
+
+def _option_letters(options: tuple[str, ...] | list[str]) -> str:
+    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(options)] if options else "ABCDEFGHIJ"
+
+
+def _letter_in_segment(seg: str, letters: str) -> str | None:
+    """An option letter in an answer line, in this order: ``(C)``, ``C)``, "answer is C" /
+    "option C", a lone letter (any case), the first standalone capital letter."""
+    both = f"[{letters}{letters.lower()}]"
+    patterns = (
+        rf"\(\s*({both})\s*\)",
+        rf"(?:^|(?<=[\s:]))({both})\)",
+        rf"(?:{_ANSWER_PHRASE}|{_OPTION_WORD})\(?([{letters}])\b",
+        rf"^[\s(\[]*({both})[\s)\].:]*$",
+        rf"\b([{letters}])\b",
+    )
+    for p in patterns:
+        m = re.search(p, seg)
+        if m:
+            return m.group(1).upper()
+    return None
+
+
+def _option_by_value(seg: str, options: tuple[str, ...] | list[str]) -> str | None:
+    """Map an answer line that states an option's value (``36`` for ``A)36``) to its letter."""
+    value = canonical_number(seg)
+    if value is None:
+        return None
+    letters = _option_letters(options)
+    for letter, opt in zip(letters, options):
+        body = re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", opt)
+        other = canonical_number(body)
+        if other is not None and numbers_equal(value, other):
+            return letter
+    return None
+
+
+def extract_answer(text: str, answer_type: str, options: tuple[str, ...] | list[str] = ()) -> str | None:
+    """The canonical answer stated in generated ``text`` (``"18"``, ``"C"``, ``"yes"``), or None.
+
+    ``options`` (AQuA) restricts option letters to the valid ones and lets an answer line
+    that states an option's value map to its letter.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    seg = answer_segment(text)
+    if answer_type == "number":
+        if seg is not None:
+            nums = find_numbers(seg)
+            return nums[0] if nums else None
+        phrases = re.findall(rf"{_ANSWER_PHRASE}(\S[^\n]*)", text)
+        for phrase in reversed(phrases):
+            nums = find_numbers(phrase)
+            if nums:
+                return nums[0]
+        nums = find_numbers(text)
+        return nums[-1] if nums else None
+    if answer_type == "option":
+        letters = _option_letters(options)
+        if seg is not None:
+            return _letter_in_segment(seg, letters) or (_option_by_value(seg, options) if options else None)
+        both = f"[{letters}{letters.lower()}]"
+        for p in (rf"(?:{_ANSWER_PHRASE}|{_OPTION_WORD})\(?([{letters}])\b", rf"\(({both})\)|\b([{letters}])\)"):
+            found = re.findall(p, text)
+            if found:
+                last = found[-1]
+                return "".join(last).upper() if isinstance(last, tuple) else last.upper()
+        return None
+    if answer_type == "yesno":
+        if seg is not None:
+            m = _YESNO_RE.search(seg)
+            return _yesno(m.group(1)) if m else None
+        phrases = re.findall(rf"{_ANSWER_PHRASE}((?i:yes|no|true|false))\b", text)
+        if phrases:
+            return _yesno(phrases[-1])
+        words = _YESNO_RE.findall(text)
+        return _yesno(words[-1]) if words else None
+    return None
+
+
+def _yesno(word: str) -> str:
+    return "yes" if word.lower() in ("yes", "true") else "no"
+
+
+def canonical_gold(answer: str, answer_type: str) -> str | None:
+    """Canonical form of a gold answer given as text (used by the loaders)."""
+    a = str(answer).strip()
+    if answer_type == "number":
+        return canonical_number(a)
+    if answer_type == "option":
+        m = re.fullmatch(r"\(?\s*([A-Za-z])\s*\)?\.?", a)
+        return m.group(1).upper() if m else None
+    if answer_type == "yesno":
+        return _yesno(a) if a.lower() in ("yes", "no", "true", "false") else None
+    return None
+
+
+def is_correct(text: str, gold: str, answer_type: str, options: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether the answer stated in ``text`` equals the gold answer."""
+    pred = extract_answer(text, answer_type, options)
+    if pred is None:
+        return False
+    gold_c = canonical_gold(gold, answer_type)
+    if gold_c is None:
+        return False
+    if answer_type == "number":
+        return numbers_equal(pred, gold_c)
+    return pred == gold_c
+
+
+# ----------------------------------------------------------------------------- calculator notes
+
+_NOTE_RE = re.compile(r"<<([^<>]*)>>")
+_OPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_MAX_EXPR_CHARS = 200
+_MAX_EXPONENT = 1000.0
+
+
+def safe_eval(expr: str) -> float:
+    """Evaluate an arithmetic expression: numbers, + - * / // % **, parentheses, unary +/-.
+
+    Works in floats (no huge-integer blow-ups); raises ValueError for anything else
+    (names, calls, division by zero, overflow, complex results, overlong input).
+    """
+    s = expr.strip().replace("\u2212", "-").replace("\u00d7", "*").replace("\u00f7", "/").replace("$", "")
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # thousands separators
+    if not s or len(s) > _MAX_EXPR_CHARS:
+        raise ValueError(f"empty or overlong expression {expr!r}")
+    try:
+        tree = ast.parse(s, mode="eval")
+        value = _eval_node(tree.body)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError) as e:
+        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite result for {expr!r}")
+    return value
+
+
+def _eval_node(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval_node(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _eval_node(node.left), _eval_node(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
+            raise ValueError("exponent too large")
+        result = _OPS[type(node.op)](left, right)
+        if isinstance(result, complex):
+            raise ValueError("complex result")
+        return float(result)
+    raise ValueError(f"unsupported syntax {type(node).__name__}")
+
+
+def _decimals(value_text: str) -> int:
+    m = re.search(r"\.(\d+)\s*$", value_text.strip())
+    return len(m.group(1)) if m else 0
+
+
+def values_match(computed: float, written: float, written_text: str) -> bool:
+    """Whether a note's written result matches the computed one.
+
+    Exact up to float noise, or, when the result is written with d decimals, equal after
+    rounding to d decimals (``10/3=3.33`` is right, ``7/2=3`` is not).
+    """
+    if math.isclose(computed, written, rel_tol=_REL_TOL, abs_tol=1e-9):
+        return True
+    d = _decimals(written_text)
+    return d > 0 and abs(computed - written) <= 0.5 * 10.0 ** (-d) + 1e-9
+
+
+def check_note(note: str) -> bool:
+    """Whether one calculator note ``expr=value`` is right; malformed notes are wrong."""
+    if note.count("=") != 1:
+        return False
+    expr, value_text = note.split("=")
+    try:
+        return values_match(safe_eval(expr), safe_eval(value_text), value_text)
+    except ValueError:
+        return False
+
+
+_VISIBLE_RE = re.compile(
+    r"\s*\$?\s*(-?(?:\d+\s*/\s*\d+(?![\d.,])|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d+)?))"
+)
+
+
+def _visible_result_ok(after_note: str, value_text: str) -> bool:
+    """GSM8K writes ``<<48/2=24>>24``: a number right after a note must equal the note's value."""
+    m = _VISIBLE_RE.match(after_note)
+    if m is None:
+        return True
+    try:
+        return values_match(safe_eval(m.group(1)), safe_eval(value_text), value_text)
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """Result of checking every calculator note in a reasoning path.
+
+    ``n_steps``: non-empty lines before the answer line; ``n_checked``: notes found;
+    ``first_wrong_line``: 1-based line number in the text of the first wrong note.
+    """
+
+    n_steps: int
+    n_checked: int
+    n_wrong: int
+    all_ok: bool
+    first_wrong_line: int | None
+
+
+def check_steps(text: str) -> StepCheck:
+    """Check every ``<<expr=value>>`` note before the (last) answer line.
+
+    A note is wrong if its expression does not evaluate to its value, if it cannot be
+    parsed, if the number written right after it differs from its value, or if a ``<<``
+    is never closed on its line (a truncated note).
+    """
+    if not isinstance(text, str):
+        return StepCheck(0, 0, 0, True, None)
+    lines = text.splitlines()
+    marker_lines = [i for i, line in enumerate(lines) if ANSWER_MARKER in line]
+    end = marker_lines[-1] if marker_lines else len(lines)
+    n_steps = n_checked = n_wrong = 0
+    first_wrong: int | None = None
+    for i, line in enumerate(lines[:end]):
+        if ANSWER_MARKER in line or not line.strip():
+            continue
+        n_steps += 1
+        wrong = 0
+        for m in _NOTE_RE.finditer(line):
+            n_checked += 1
+            ok = check_note(m.group(1))
+            if ok:  # the visible result right after the note must repeat its value
+                ok = _visible_result_ok(line[m.end():], m.group(1).split("=")[1])
+            wrong += not ok
+        unclosed = _NOTE_RE.sub("", line).count("<<")
+        n_checked += unclosed
+        wrong += unclosed
+        if wrong and first_wrong is None:
+            first_wrong = i + 1
+        n_wrong += wrong
+    return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong)
+
+
+def verify_path(text: str, example: Example) -> bool:
+    """A reasoning path is verified when its answer is right and every calculator step is right."""
+    return is_correct(text, example.answer, example.answer_type, example.options) and check_steps(text).all_ok
