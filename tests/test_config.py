@@ -1,0 +1,79 @@
+import pytest
+
+from lada.config import ConfigError, RunConfig, apply_override, build_dataclass, config_from_dict, dump_toml, load_config
+
+import tomllib
+
+
+def _minimal(**extra):
+    d = {"data": {"num_clients": 2}, "clients": [{"name": "tiny-qwen2"}, {"name": "tiny-gpt2"}]}
+    d.update(extra)
+    return d
+
+
+def test_minimal_config_validates_and_round_trips_through_toml():
+    cfg = config_from_dict(_minimal(), "mem.toml")
+    again = config_from_dict(tomllib.loads(cfg.to_toml()), "again")
+    assert again.to_dict() == cfg.to_dict()
+    assert again.clients[1].name == "tiny-gpt2"
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (_minimal(rounds="three"), "mem.toml.rounds: expected int"),
+        (_minimal(trian={}), "unknown key(s) ['trian']"),
+        (_minimal(train={"lr": "fast"}), "mem.toml.train.lr: expected float"),
+        (_minimal(train={"batch_size": 0}), "batch_size: must be > 0"),
+        ({"data": {"num_clients": 3}, "clients": [{"name": "tiny-qwen2"}]}, "1 [[clients]] tables but data.num_clients = 3"),
+        (_minimal(host={"name": "fedavg"}), "unknown host 'fedavg'"),
+        (_minimal(host={"name": "cot", "check_step": True}), "unknown key(s) ['check_step']"),
+        (_minimal(plugin={"name": "magic"}), "unknown plugin 'magic'"),
+        (_minimal(engine={"kind": "grpc"}), "[engine].kind: must be one of"),
+        ({"data": {"num_clients": 1}, "clients": [{"name": "tiny-llama", "hidden_size": 10, "num_heads": 4}]},
+         "not divisible by num_heads"),
+        (_minimal(data={"num_clients": 2, "source": "jsonl"}), "path: required when source = 'jsonl'"),
+    ],
+)
+def test_bad_configs_name_the_file_and_field(data, needle):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "mem.toml")
+    assert needle in str(e.value)
+
+
+def test_int_is_accepted_for_float_but_bool_is_not_int():
+    cfg = config_from_dict(_minimal(train={"lr": 1}), "x")
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError):
+        config_from_dict(_minimal(rounds=True), "x")
+
+
+def test_load_config_reports_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml: invalid TOML"):
+        load_config(bad)
+
+
+def test_overrides_apply_nested_and_indexed_keys(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(_minimal()))
+    cfg = load_config(p, ["train.lr=0.5", "clients.1.hidden_size=64", "name=abc", 'host.name="standalone"'])
+    assert cfg.train.lr == 0.5 and cfg.clients[1].hidden_size == 64 and cfg.name == "abc"
+    assert cfg.host_name == "standalone"
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_override({}, "novalue")
+
+
+def test_shipped_configs_validate():
+    for name in ("configs/default.toml", "configs/tiny-test.toml"):
+        cfg = load_config(name)
+        assert len(cfg.clients) == cfg.data.num_clients
+        assert len({c.name for c in cfg.clients}) == len(cfg.clients), "default clients must be heterogeneous"
+
+
+def test_build_dataclass_rejects_non_table():
+    with pytest.raises(ConfigError, match="expected a table"):
+        build_dataclass(RunConfig, [1, 2], "x")
