@@ -144,8 +144,7 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
     from lada.models.training import train_steps
 
     cfg = dataclasses.replace(model_cfg, lora_r=0, dtype="float32", checkpoint="")
-    tcfg = dataclasses.replace(train_cfg or TrainConfig(), lr=model_cfg.warmup_lr,
-                               batch_size=model_cfg.warmup_batch_size)
+    tcfg = train_cfg or TrainConfig()
     start = time.perf_counter()
     lm = build_model(cfg, corpus, seed, cache_dir)
     stage_meta = []
@@ -154,16 +153,60 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
             continue
         pairs = [(example_prompt(ex), example_target(ex)) for ex in examples]
         t0 = time.perf_counter()
-        stats = train_steps(lm, pairs, steps, tcfg, seed + i, desc=f"warm-up {cfg.name} stage {i + 1}" if progress else "")
+        stats = train_steps(lm, pairs, steps, tcfg, seed + i, desc=f"warm-up {cfg.name} stage {i + 1}",
+                            lr=model_cfg.warmup_lr, batch_size=model_cfg.warmup_batch_size,
+                            progress=None if progress else False)
         stage_meta.append({"steps": steps, "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1),
                            **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
     seconds = time.perf_counter() - start
     save_model(lm, out)
     last = stage_meta[-1] if stage_meta else {}
     return {"steps": sum(s for _, s in plan), "seconds": round(seconds, 1),
-            "final_loss": last.get("final_loss", last.get("loss")), "stages": stage_meta,
+            "final_loss": last.get("loss"), "stages": stage_meta,
             "params": lm.num_parameters()}
 
 
 def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META).read_text())
+
+
+# ----------------------------------------------------------------------------- participants
+
+# Each client's warm-up mixes its own training shard with this many short general
+# problems from the server's general pool: a stand-in for the generic pre-training every
+# real SLM has, and it teaches number copying on more varied questions than 300
+# domain problems can. The server pool is disjoint from every other set, so no client
+# sees the public or test questions.
+CLIENT_GENERAL_EXAMPLES = 600
+CLIENT_GENERAL_MAX_STEPS = 3
+
+
+def participant_seed(cfg: RunConfig, who: str) -> int:
+    """Model-init seed of a participant: ``server`` or ``client<k>``."""
+    return cfg.seed if who == "server" else cfg.seed + 1 + int(who.removeprefix("client"))
+
+
+def participant_stages(cfg: RunConfig, fed: "FederatedData", who: str) -> list[Stage]:
+    """The warm-up data of ``server`` (its general training data) or ``client<k>``
+    (its private training shard plus short general problems)."""
+    if who == "server":
+        return [(list(fed.server_train), cfg.server.warmup_steps)]
+    k = int(who.removeprefix("client"))
+    short = [ex for ex in fed.server_train if ex.num_steps <= CLIENT_GENERAL_MAX_STEPS][:CLIENT_GENERAL_EXAMPLES]
+    return [(list(fed.clients[k].train) + short, cfg.clients[k].warmup_steps)]
+
+
+def participant_config(cfg: RunConfig, who: str) -> ModelConfig:
+    return cfg.server if who == "server" else cfg.clients[int(who.removeprefix("client"))]
+
+
+def participants(cfg: RunConfig) -> list[str]:
+    return ["server", *(f"client{k}" for k in range(len(cfg.clients)))]
+
+
+def warmup_participant(cfg: RunConfig, fed: "FederatedData", corpus: list[str], who: str,
+                       cache_dir: str | Path, progress: bool = True, use_shipped: bool = True) -> Path:
+    """Warm-up checkpoint of one participant of a run (what the round driver loads)."""
+    return warmup_checkpoint(participant_config(cfg, who), [], corpus, participant_seed(cfg, who), cache_dir,
+                             train_cfg=cfg.train, progress=progress, stages=participant_stages(cfg, fed, who),
+                             use_shipped=use_shipped)
