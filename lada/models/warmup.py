@@ -210,3 +210,103 @@ def warmup_participant(cfg: RunConfig, fed: "FederatedData", corpus: list[str], 
     return warmup_checkpoint(participant_config(cfg, who), [], corpus, participant_seed(cfg, who), cache_dir,
                              train_cfg=cfg.train, progress=progress, stages=participant_stages(cfg, fed, who),
                              use_shipped=use_shipped)
+
+
+# ----------------------------------------------------------------------------- calibration table
+
+def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict[str, list[Example]]:
+    """Held-out sets for the warm-up table: short (1-3 step) and long (4-6 step) general
+    problems drawn fresh (no question shared with any federation set), and each client
+    domain's test shard. Synthetic data only."""
+    from lada.data.synthetic import generate
+
+    seen = {ex.question for xs in fed.named_sets().values() for ex in xs}
+    stream = cfg.seed + 2_000_003  # a seed no federation set is drawn from
+    sets = {"general 1-3": generate("general", n, stream, 1, 3, step_weights=[1, 1, 1], exclude=seen),
+            "general 4-6": generate("general", n, stream, 4, 6, step_weights=[1, 1, 1], exclude=seen)}
+    for k, shard in enumerate(fed.clients):
+        sets[cfg.data.domains[k]] = list(shard.test)
+    return sets
+
+
+def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, list[Example]]) -> dict[str, float]:
+    from lada.models.generation import evaluate
+    from lada.models.loading import load_model
+
+    lm = load_model(dataclasses.replace(participant_config(cfg, who), lora_r=0), path)
+    return {name: evaluate(lm, xs, cfg.generation, progress=False).accuracy for name, xs in sets.items()}
+
+
+def format_table(cfg: RunConfig, rows: list[dict]) -> str:
+    """Markdown table: participant, model, params, steps, seconds, accuracies."""
+    doms = list(cfg.data.domains)
+    head = ["participant", "model", "params", "warm-up steps", "seconds", "own domain", "general 1-3",
+            "general 4-6", *doms]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        acc = r.get("accuracy", {})
+        pct = lambda key: f"{100 * acc[key]:.0f}%" if key in acc else "-"
+        own = pct(r["domain"]) if r["domain"] else "-"
+        m = r["model"]
+        lines.append("| " + " | ".join([r["who"], f"{m.name} d{m.hidden_size}x{m.num_layers} v{m.vocab_size}",
+                                         f"{r['params'] / 1e6:.2f}M", str(r["steps"]), f"{r['seconds']:.0f}", own,
+                                         pct("general 1-3"), pct("general 4-6"), *(pct(d) for d in doms)]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lada.models.warmup",
+        description="Warm up every participant of a config (cached), evaluate them and print the table.")
+    parser.add_argument("config", help="run config TOML")
+    parser.add_argument("--cache-dir", default="", help="warm-up cache (default: the config's cache_dir, "
+                        "else LADA_CACHE or ~/.cache/lada)")
+    parser.add_argument("--ship", action="store_true",
+                        help="ignore shipped checkpoints and copy the results into the repo's checkpoints/")
+    parser.add_argument("--only", default="", help="comma-separated participants, e.g. server,client0")
+    parser.add_argument("--no-eval", action="store_true", help="skip the accuracy columns")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lada.config import load_config
+    from lada.data import build_federated_data, tokenizer_corpus
+    from lada.models.tokenizers import default_cache_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    cache = Path(args.cache_dir or cfg.cache_dir or default_cache_dir())
+    fed = build_federated_data(cfg.data, cfg.seed)
+    corpus = tokenizer_corpus(cfg.data, cfg.seed)
+    who_all = participants(cfg)
+    chosen = [w.strip() for w in args.only.split(",") if w.strip()] or who_all
+    for w in chosen:
+        if w not in who_all:
+            parser.error(f"--only: unknown participant {w!r}; this config has {who_all}")
+    sets = None if args.no_eval or cfg.data.source != "synthetic" else calibration_sets(cfg, fed)
+    rows = []
+    for who in chosen:
+        path = warmup_participant(cfg, fed, corpus, who, cache, progress=True, use_shipped=not args.ship)
+        meta = read_meta(path)
+        if args.ship and path.parent != REPO_CHECKPOINTS:
+            dest = REPO_CHECKPOINTS / path.name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(path, dest)
+            print(f"{who}: shipped {dest}", file=sys.stderr)
+        row = {"who": who, "model": participant_config(cfg, who), "params": meta["params"], "steps": meta["steps"],
+               "seconds": meta["seconds"], "path": str(path),
+               "domain": "" if who == "server" else cfg.data.domains[int(who.removeprefix("client"))]}
+        if sets:
+            row["accuracy"] = evaluate_participant(cfg, path, who, sets)
+        print(f"{who}: {path} ({meta['steps']} steps, {meta['seconds']:.0f} s, loss {meta['final_loss']:.3f})"
+              + (f" {json.dumps({k: round(v, 3) for k, v in row['accuracy'].items()})}" if sets else ""),
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    print(format_table(cfg, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
