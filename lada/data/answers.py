@@ -33,7 +33,7 @@ _NUMBER_RE = re.compile(
     r"(?<![\w).])(?P<sign>[-\u2212+]?)\s?\$?\s?"
     r"(?P<num>\d+\s*/\s*\d+(?![\d.,])|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d+)?|\.\d+)"
 )
-_REL_TOL = 1e-6
+_REL_TOL = 1e-9  # relative; big integers must still match exactly
 
 
 def _to_decimal(sign: str, num: str) -> Decimal | None:
@@ -81,11 +81,16 @@ def canonical_number(text: str) -> str | None:
 
 
 def numbers_equal(a: str, b: str) -> bool:
-    """Numeric equality of two canonical number strings, with a relative tolerance."""
+    """Numeric equality of two canonical number strings: exact for whole numbers, with a
+    tiny relative tolerance otherwise (a fraction like ``1/3`` is a rounded decimal)."""
     try:
         x, y = Decimal(a), Decimal(b)
     except InvalidOperation:
         return False
+    if x == y:
+        return True
+    if x == x.to_integral_value() and y == y.to_integral_value():
+        return False  # whole numbers match exactly, however large
     return abs(x - y) <= Decimal(str(_REL_TOL)) * max(Decimal(1), abs(y))
 
 
@@ -109,13 +114,15 @@ def _option_letters(options: tuple[str, ...] | list[str]) -> str:
 
 
 def _letter_in_segment(seg: str, letters: str) -> str | None:
-    """An option letter in an answer line, in this order: ``(C)``, ``C)``, "answer is C" /
-    "option C", a lone letter (any case), the first standalone capital letter."""
+    """An option letter in an answer line, in this order: ``(C)``, ``C)``, "option c",
+    "answer is C", a lone letter (any case), the first standalone capital letter. A lowercase
+    letter counts only where it cannot be an English word ("the answer is a ..." is not A)."""
     both = f"[{letters}{letters.lower()}]"
     patterns = (
         rf"\(\s*({both})\s*\)",
         rf"(?:^|(?<=[\s:]))({both})\)",
-        rf"(?:{_ANSWER_PHRASE}|{_OPTION_WORD})\(?([{letters}])\b",
+        rf"{_OPTION_WORD}\(?({both})\b",
+        rf"{_ANSWER_PHRASE}\(?([{letters}])\b",
         rf"^[\s(\[]*({both})[\s)\].:]*$",
         rf"\b([{letters}])\b",
     )
@@ -165,7 +172,8 @@ def extract_answer(text: str, answer_type: str, options: tuple[str, ...] | list[
         if seg is not None:
             return _letter_in_segment(seg, letters) or (_option_by_value(seg, options) if options else None)
         both = f"[{letters}{letters.lower()}]"
-        for p in (rf"(?:{_ANSWER_PHRASE}|{_OPTION_WORD})\(?([{letters}])\b", rf"\(({both})\)|\b([{letters}])\)"):
+        for p in (rf"{_OPTION_WORD}\(?({both})\b|{_ANSWER_PHRASE}\(?([{letters}])\b",
+                  rf"\(({both})\)|\b([{letters}])\)"):
             found = re.findall(p, text)
             if found:
                 last = found[-1]
@@ -269,9 +277,12 @@ def _decimals(value_text: str) -> int:
 def values_match(computed: float, written: float, written_text: str) -> bool:
     """Whether a note's written result matches the computed one.
 
-    Exact up to float noise, or, when the result is written with d decimals, equal after
-    rounding to d decimals (``10/3=3.33`` is right, ``7/2=3`` is not).
+    Exact for whole numbers; otherwise equal up to float noise or, when the result is
+    written with d decimals, after rounding to d decimals (``10/3=3.33`` is right,
+    ``7/2=3`` is not).
     """
+    if computed.is_integer() and written.is_integer():
+        return computed == written
     if math.isclose(computed, written, rel_tol=_REL_TOL, abs_tol=1e-9):
         return True
     d = _decimals(written_text)
