@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientShard", "DataFormatError", "Example", "FederatedData", "LoadReport", "PartitionError", "StepCheck",
-    "build_federated_data", "check_steps", "default_path", "example_prompt", "example_target", "extract_answer",
+    "build_federated_data", "check_steps", "clear_cache", "default_path", "example_prompt", "example_target", "extract_answer",
     "format_prompt", "format_target", "is_correct", "load_aqua", "load_dataset", "load_gsm8k", "load_jsonl",
     "load_strategyqa", "partition_examples", "tokenizer_corpus", "verify_path",
 ]
@@ -36,6 +36,16 @@ __all__ = [
 # Built partitions, keyed by (config, seed): every node of a simulated federation asks
 # for the same split, and loading + partitioning should happen once per process.
 _CACHE: dict[tuple[str, int], FederatedData] = {}
+_LOADED: dict[tuple[str, str, bool], list[Example]] = {}
+
+
+def _load(data_cfg: "DataConfig") -> list[Example]:
+    """``load_dataset`` for a config, parsed once per process (partitions of several seeds
+    and the tokenizer corpus all read the same file)."""
+    key = (data_cfg.source, str(data_cfg.path), bool(data_cfg.skip_bad_lines))
+    if key not in _LOADED:
+        _LOADED[key] = load_dataset(data_cfg.source, data_cfg.path, skip_bad=data_cfg.skip_bad_lines)
+    return list(_LOADED[key])
 
 
 def _key(data_cfg: "DataConfig", seed: int) -> tuple[str, int]:
@@ -63,7 +73,7 @@ def build_federated_data(data_cfg: "DataConfig", seed: int) -> FederatedData:
 
             data = build_synthetic(data_cfg, seed)
         else:
-            examples = load_dataset(data_cfg.source, data_cfg.path, skip_bad=data_cfg.skip_bad_lines)
+            examples = _load(data_cfg)
             present = {ex.domain for ex in examples}
             wanted = list(data_cfg.domains[: data_cfg.num_clients])
             client_domains = wanted if wanted and set(wanted) <= present else None
@@ -87,7 +97,7 @@ def tokenizer_corpus(data_cfg: "DataConfig", seed: int, max_chars: int = 2_000_0
         from lada.data.synthetic import tokenizer_corpus as synthetic_corpus
 
         return synthetic_corpus(data_cfg, seed)
-    examples = load_dataset(data_cfg.source, data_cfg.path, skip_bad=data_cfg.skip_bad_lines)
+    examples = _load(data_cfg)
     out, total = [], 0
     for i in np.random.default_rng(seed).permutation(len(examples)):
         text = example_prompt(examples[i]) + example_target(examples[i])
@@ -99,5 +109,6 @@ def tokenizer_corpus(data_cfg: "DataConfig", seed: int, max_chars: int = 2_000_0
 
 
 def clear_cache() -> None:
-    """Forget built partitions (tests, or after editing a data file in-process)."""
+    """Forget loaded files and built partitions (tests, or after editing a data file in-process)."""
     _CACHE.clear()
+    _LOADED.clear()

@@ -137,12 +137,13 @@ def _array_records(path: Path, text: str) -> Iterator[tuple[int, str, Any]]:
     """Decode a JSON array element by element, to know each record's line number."""
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
-    index = 0
+    index, lineno, counted = 0, 1, 0
     while True:
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == "]":
             return
-        lineno = text.count("\n", 0, pos) + 1
+        lineno += text.count("\n", counted, pos)  # incremental: no rescans from the start
+        counted = pos
         try:
             rec, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
