@@ -233,3 +233,13 @@ def test_jsonl_bad_fields(tmp_path, bad, field):
 def test_jsonl_needs_a_path():
     with pytest.raises(DataFormatError, match="needs a path"):
         load_dataset("jsonl")
+
+
+def test_docs_jsonl_example_loads(tmp_path):
+    """The schema example in docs/data.md stays valid."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = doc.split("```json\n", 1)[1].split("```", 1)[0]
+    p = tmp_path / "example.jsonl"
+    p.write_text(block)
+    xs = load_jsonl(p)
+    assert len(xs) == 3 and all(verify_path(example_target(ex), ex) for ex in xs)

@@ -107,6 +107,20 @@ def test_duplicate_ids_rejected():
         partition_examples(xs + xs[:1], **SIZES, mode="iid")
 
 
+def test_repeated_questions_are_dropped_with_a_warning(caplog):
+    xs = _examples({"a": 120})
+    twin = Example("b-0000", "  Q A 7 ", "r", "7", "number", "a")  # same question as a-0007 up to case/spaces
+    with caplog.at_level("WARNING", logger="lada.data.partition"):
+        fd = partition_examples(xs + [twin], 2, 20, 5, 20, 10, 1000, mode="iid", seed=0)
+    assert "b-0000" not in {ex.id for xs_ in fd.named_sets().values() for ex in xs_}
+    assert sum(fd.sizes().values()) == 120
+    assert any("dropping b-0000: same question as a-0007" in r.getMessage() for r in caplog.records)
+    fd.public.append(twin)
+    fd.check_disjoint()  # ids are still distinct ...
+    with pytest.raises(PartitionError, match="ask the same question"):
+        fd.check_disjoint(by_question=True)  # ... but the question leaks
+
+
 def test_check_disjoint_catches_leaks():
     xs = _examples({"a": 10})
     fd = FederatedData([ClientShard(xs[:3], xs[3:5]), ClientShard(xs[5:7], xs[7:8])], public=[xs[8], xs[1]],

@@ -7,12 +7,15 @@ only on the examples (not their order) and the seed.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lada.data.records import Example
+
+log = logging.getLogger(__name__)
 
 MODES = ("domain", "dirichlet", "iid")
 
@@ -50,14 +53,43 @@ class FederatedData:
     def sizes(self) -> dict[str, int]:
         return {name: len(xs) for name, xs in self.named_sets().items()}
 
-    def check_disjoint(self) -> None:
-        """Raise PartitionError if an example id is in two sets (or twice in one)."""
+    def check_disjoint(self, by_question: bool = False) -> None:
+        """Raise PartitionError if an example id (or, with ``by_question``, a question
+        text) is in two sets or twice in one."""
         where: dict[str, str] = {}
+        texts: dict[str, tuple[str, str]] = {}
         for name, xs in self.named_sets().items():
             for ex in xs:
                 if ex.id in where:
                     raise PartitionError(f"example {ex.id!r} is in both {where[ex.id]} and {name}")
                 where[ex.id] = name
+                if by_question:
+                    q = question_key(ex)
+                    if q in texts:
+                        other_id, other_set = texts[q]
+                        raise PartitionError(f"examples {other_id!r} ({other_set}) and {ex.id!r} ({name}) "
+                                             f"ask the same question")
+                    texts[q] = (ex.id, name)
+
+
+def question_key(ex: Example) -> str:
+    """Question text up to case and spacing (and options): what makes two examples the same."""
+    return " ".join(ex.question.lower().split()) + "|" + "|".join(ex.options)
+
+
+def drop_duplicate_questions(examples: list[Example]) -> list[Example]:
+    """Keep the first example (by id) of each question; the source data can repeat a
+    record under two ids (StrategyQA does once), which would leak across sets."""
+    seen: dict[str, str] = {}
+    out = []
+    for ex in sorted(examples, key=lambda e: e.id):
+        key = question_key(ex)
+        if key in seen:
+            log.warning("dropping %s: same question as %s", ex.id, seen[key])
+            continue
+        seen[key] = ex.id
+        out.append(ex)
+    return out
 
 
 def label_proxy(examples: list[Example], n_buckets: int = 5) -> list[str]:
@@ -91,7 +123,9 @@ def partition_examples(
     client_domains: list[str] | None = None,
 ) -> FederatedData:
     """Split ``examples`` into ``num_clients`` private shards, a public set, a server test
-    set and server training data (which takes what is left, up to its size).
+    set and server training data (which takes what is left, up to its size). Examples
+    that repeat an earlier question (same text up to case and spacing) are dropped first,
+    with a warning, so no question can appear in two sets.
 
     - ``domain``: client k's train and test come from domain k (``client_domains``, or the
       sorted distinct domains); the shared sets come from everything else, all domains mixed.
@@ -113,6 +147,7 @@ def partition_examples(
     if dup:
         raise PartitionError(f"{len(dup)} duplicate example id(s), e.g. {dup[0]!r}")
 
+    examples = drop_duplicate_questions(examples)
     per_client = train_per_client + test_per_client
     needed = num_clients * per_client + public_size + server_test_size
     if needed > len(examples):
@@ -138,7 +173,7 @@ def partition_examples(
         clients.append(ClientShard(train=shard[:train_per_client], test=shard[train_per_client:]))
     a, b = public_size, public_size + server_test_size
     data = FederatedData(clients, public=rest[:a], server_test=rest[a:b], server_train=rest[b:b + server_train_size])
-    data.check_disjoint()
+    data.check_disjoint(by_question=True)
     return data
 
 
