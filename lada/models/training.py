@@ -1,0 +1,165 @@
+"""Supervised fine-tuning on (prompt, target) text pairs: the one training loop every
+host, plug-in and warm-up uses.
+
+Loss is next-token cross-entropy on the target tokens and the EOS after them; prompt
+and padding positions carry label -100. Prompt and target are tokenised separately and
+concatenated, exactly as ``lada.models.scoring`` does, so the token boundary (and hence
+what is learned) matches what is scored and generated.
+
+Learning rate: linear warm-up over the first 5% of steps (at most 20), then cosine
+decay to 10% of the peak at the last step (``schedule="cosine"``, the default), or a
+flat rate after the warm-up (``schedule="constant"``). Each call builds a fresh AdamW,
+so a federated round's local training is self-contained.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lada.config import TrainConfig
+
+IGNORE = -100
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+                 max_length: int) -> list[dict[str, list[int]]]:
+    """Token ids and labels for each (prompt, target): ``prompt ids + target ids + EOS``
+    with labels -100 on the prompt.
+
+    Too-long pairs keep their target (cut on the right only if the target alone does
+    not fit) and lose the start of the prompt.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; targets need one")
+    if max_length < 2:
+        raise ValueError(f"encode_pairs: max_length must be >= 2, got {max_length}")
+    if not pairs:
+        return []
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, t in zip(prompts, targets):
+        t = (t + [tokenizer.eos_token_id])[: max_length - 1]
+        p = p[-(max_length - len(t)):] if p else p
+        out.append({"input_ids": p + t, "labels": [IGNORE] * len(p) + t})
+    return out
+
+
+def collate(encoded: list[dict[str, list[int]]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sequence (not to max_length)."""
+    n = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(encoded), n), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's labelled tokens (computed in float32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep])
+
+
+def lr_factor(step: int, total: int, schedule: str = "cosine") -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    warm = min(20, max(1, total // 20))
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'cosine' or 'constant'")
+    progress = (step - warm) / max(1, total - warm - 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(n: int, batch_size: int, seed: int):
+    """Endless index batches drawn from shuffled epochs (an epoch boundary may fall
+    inside a batch, so every batch is full)."""
+    gen = torch.Generator().manual_seed(seed)
+    buf: list[int] = []
+    while True:
+        while len(buf) < batch_size:
+            buf.extend(torch.randperm(n, generator=gen).tolist())
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainConfig, seed: int,
+                extra_loss: Callable[[int], torch.Tensor | None] | None = None, desc: str = "train",
+                lr: float | None = None, batch_size: int | None = None, schedule: str = "cosine",
+                progress: bool | None = None) -> dict:
+    """Run ``steps`` AdamW steps on batches of ``pairs`` (``lm`` is a LoadedModel).
+
+    ``extra_loss(step)`` may return a scalar tensor that is added to the LM loss (for
+    distillation terms); with no pairs, only that loss is optimised. Only parameters
+    with ``requires_grad`` are updated, so LoRA models train their adapters only.
+    Returns ``{"loss": mean loss of the last 10 steps, "first_loss", "steps",
+    "seconds", "tokens": non-pad tokens processed, "target_tokens"}``.
+    """
+    if steps <= 0:
+        return {"loss": float("nan"), "first_loss": float("nan"), "steps": 0, "seconds": 0.0, "tokens": 0,
+                "target_tokens": 0}
+    if not pairs and extra_loss is None:
+        raise ValueError(f"train_steps({desc!r}): no training pairs and no extra_loss")
+    model, tok = lm.model, lm.tokenizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"train_steps({desc!r}): the model has no trainable parameters")
+    peak = train_cfg.lr if lr is None else lr
+    bs = batch_size or train_cfg.batch_size
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95))
+    encoded = encode_pairs(tok, pairs, train_cfg.max_length)
+    batches = _batches(len(encoded), bs, seed) if encoded else None
+    losses: list[float] = []
+    tokens = target_tokens = 0
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = peak * lr_factor(step, steps, schedule)
+            loss = None
+            if batches is not None:
+                batch = collate([encoded[i] for i in next(batches)], tok.pad_token_id, lm.device)
+                loss = lm_loss(model, batch)
+                tokens += int(batch["attention_mask"].sum())
+                target_tokens += int((batch["labels"] != IGNORE).sum())
+            if extra_loss is not None:
+                extra = extra_loss(step)
+                if extra is not None:
+                    loss = extra if loss is None else loss + extra
+            if loss is None:
+                continue  # extra_loss had nothing to add this step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        model.eval()
+        bar.close()
+    tail = losses[-10:]
+    return {"loss": sum(tail) / len(tail) if tail else float("nan"),
+            "first_loss": losses[0] if losses else float("nan"), "steps": len(losses),
+            "seconds": time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens}
