@@ -1,0 +1,249 @@
+"""A local Flower federation: one SuperLink and K SuperNodes as separate processes.
+
+This is the Deployment Engine on one machine (the same processes as on many
+machines, bound to 127.0.0.1 without TLS). Processes are tracked by PID in a state
+file, so `federation_down` can stop a federation started by another command, and
+`stop()` checks that every process (and its children) is really gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+STATE_FILE = "federation.json"
+
+# Environment of every Flower process we start: no `uv sync` of app dependencies
+# (it would pull a CUDA torch), no telemetry, no update check, no hub downloads.
+FLWR_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class FederationStartError(RuntimeError):
+    """A SuperLink or SuperNode did not come up; the message holds its log tail."""
+
+
+def flower_executable(name: str) -> str:
+    """The venv's Flower entry point (next to the running interpreter), else PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH; install flwr")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts its helpers (flower-superlink, flwr-serverapp, ...) by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop_pids(pids: dict[str, int], create_times: dict[str, float] | None = None, grace_s: float = 10.0) -> None:
+    """Terminate processes (and their children) by PID, kill after ``grace_s``,
+    then check they are gone. A PID whose start time differs from ``create_times``
+    was reused by an unrelated process and is left alone."""
+    procs: list[psutil.Process] = []
+    for name, pid in pids.items():
+        try:
+            p = psutil.Process(pid)
+            if create_times and name in create_times and abs(p.create_time() - create_times[name]) > 1.0:
+                continue
+            procs.extend(p.children(recursive=True))
+            procs.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5.0)
+    if alive:
+        raise RuntimeError(f"processes still running after kill: {[p.pid for p in alive]}")
+
+
+class LocalFederation:
+    """One SuperLink and ``num_clients`` SuperNodes on 127.0.0.1.
+
+    Use as a context manager, or `start()` / `stop()`. Client k's SuperNode gets
+    ``--node-config "partition-id=k num-partitions=K"`` (plus ``workspace=...`` when
+    given, where clients then keep their state)."""
+
+    def __init__(self, num_clients: int, port: int | None = None, workspace: str | Path | None = None,
+                 state_dir: str | Path | None = None, env: dict[str, str] | None = None,
+                 startup_timeout_s: float = 60.0) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.num_clients = num_clients
+        self.port = port or free_port()
+        self.workspace = Path(workspace).absolute() if workspace else None
+        self._own_state_dir = state_dir is None
+        self.state_dir = Path(state_dir) if state_dir else Path(_mkdtemp("lada-federation-"))
+        self.extra_env = env or {}
+        self.startup_timeout_s = startup_timeout_s
+        self.pids: dict[str, int] = {}
+        self.create_times: dict[str, float] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = (self.state_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        log.close()
+        self.pids[name] = proc.pid
+        self.create_times[name] = psutil.Process(proc.pid).create_time()
+        self._write_state()
+        return proc
+
+    def _write_state(self) -> None:
+        state = {"superlink": self.address, "port": self.port, "num_clients": self.num_clients,
+                 "pids": self.pids, "create_times": self.create_times, "state_dir": str(self.state_dir.absolute())}
+        self.state_path.write_text(json.dumps(state, indent=1))
+
+    def _wait(self, name: str, proc: subprocess.Popen, ready) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not ready():
+            if proc.poll() is not None:
+                raise FederationStartError(f"{name} exited with code {proc.returncode}:\n"
+                                           f"{tail(self.state_dir / f'{name}.log')}")
+            if time.monotonic() > deadline:
+                raise FederationStartError(f"{name} not ready after {self.startup_timeout_s:.0f}s:\n"
+                                           f"{tail(self.state_dir / f'{name}.log')}")
+            time.sleep(0.3)
+
+    def start(self) -> dict:
+        """Start the processes, wait until they listen; returns the state dict."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.state_path.exists() and _alive(json.loads(self.state_path.read_text())):
+            raise FederationStartError(f"a federation recorded in {self.state_path} is still running; stop it first")
+        env = flower_env(self.state_dir / "flwr-home", self.extra_env)
+        try:
+            link = self._spawn("superlink", [
+                flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(self.port)], env)
+            self._wait("superlink", link, lambda: _healthy(self.port))
+            for k in range(self.num_clients):
+                node_port = free_port()
+                node_config = f"partition-id={k} num-partitions={self.num_clients}"
+                if self.workspace:
+                    node_config += f' workspace="{self.workspace}"'
+                node = self._spawn(f"supernode-{k}", [
+                    flower_executable("flower-supernode"), "--insecure", "--superlink", self.address,
+                    "--port", str(node_port), "--node-config", node_config], env)
+                self._wait(f"supernode-{k}", node, lambda p=node_port: _port_open(p))
+        except BaseException:
+            self.stop()
+            raise
+        return json.loads(self.state_path.read_text())
+
+    def stop(self) -> None:
+        """Stop every process by PID and check they are gone."""
+        stop_pids(self.pids, self.create_times)
+        self.pids.clear()
+        if self.state_path.exists():
+            self.state_path.unlink()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalFederation":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _alive(state: dict) -> bool:
+    for name, pid in state.get("pids", {}).items():
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - state.get("create_times", {}).get(name, p.create_time())) < 1.0 and p.is_running():
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
+def _mkdtemp(prefix: str) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+def federation_up(num_clients: int, state_dir: str | Path, port: int | None = None,
+                  workspace: str | Path | None = None) -> dict:
+    """Start a local federation that outlives this process; its PIDs and logs go to
+    ``state_dir``. Returns {"superlink": "127.0.0.1:P", "pids": {...}, ...}."""
+    fed = LocalFederation(num_clients, port=port, workspace=workspace, state_dir=state_dir)
+    return fed.start()
+
+
+def federation_down(state_dir: str | Path) -> None:
+    """Stop the federation recorded in ``state_dir`` (by PID) and remove its state file."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no running federation recorded here")
+    state = json.loads(path.read_text())
+    stop_pids({k: int(v) for k, v in state["pids"].items()}, state.get("create_times"))
+    path.unlink()

@@ -1,0 +1,288 @@
+"""Engine tests: the inline transport, and real Flower runs (simulation and a local
+deployment of SuperLink + SuperNode processes) of a minimal "echo" app, plus full
+runs of configs/tiny-test.toml when the model stack is importable.
+
+The echo app (below) replaces the protocol's `serve` by one exchange, so launchers,
+the Grid transport, ClientApp dispatch, records on the wire and error propagation
+are tested without training models.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+import lada.hosts
+from lada.config import DataConfig, ModelConfig, RunConfig
+from lada.engines import launch
+from lada.engines.launch import EngineError, InlineTransport, run_engine
+from lada.engines.local import LocalFederation, federation_down, federation_up
+
+ECHO_APP = '''\
+"""Echo app for lada's engine tests (written by tests/test_engines.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import lada.hosts
+from lada.engines.client_app import PhaseClientApp
+from lada.engines.server_app import ServerApp, run_server
+from lada.protocol.driver import _exchange
+from lada.protocol.host import Host, Phase
+
+lada.hosts.HOSTS["echo"] = "engine_echo_app:EchoHost"
+
+ECHO = Phase("echo", "train")
+
+
+class EchoHost(Host):
+    name = "echo"
+
+    def phases(self, rnd: int) -> list[Phase]:
+        return [ECHO]
+
+    def client_handle(self, phase, rnd, payload, client):
+        if payload.get("fail_on") == client.index:
+            raise RuntimeError(f"echo host: deliberate failure on client-{client.index}")
+        return {"k": client.index, "x2": payload["x"] * 2, "ids": payload["ids"][::-1],
+                "text": payload["text"][::-1], "round": rnd, "flags": [True, False], "empty": []}
+
+
+def echo_serve(cfg, transport, progress=print):
+    """Write each client's config (what 'setup' would do), run one echo exchange and
+    record the replies in <run_dir>/echo.json, then mark the run done."""
+    run_dir = cfg.resolved_run_dir()
+    for k in transport.client_ids():
+        ws = run_dir / "nodes" / f"client-{k}"
+        ws.mkdir(parents=True, exist_ok=True)
+        (ws / "config.toml").write_text(cfg.to_toml())
+    fail_on = 1 if cfg.name.endswith("-fail") else -1  # a run named "*-fail" makes client-1 raise
+    payloads = {k: {"x": np.arange(6, dtype=np.float16).reshape(2, 3) + k, "ids": np.arange(5, dtype=np.int32),
+                    "text": f"héllo-{k}", "fail_on": fail_on} for k in transport.client_ids()}
+    replies = _exchange(transport, ECHO, 1, payloads, None)  # checks replies like serve does
+    out = {}
+    for k, r in replies.items():
+        assert r["x2"].dtype == np.float16 and r["x2"].shape == (2, 3), r["x2"]
+        assert r["ids"].dtype == np.int32
+        out[str(k)] = {"k": r["k"], "x2": r["x2"].tolist(), "ids": r["ids"].tolist(), "text": r["text"],
+                       "round": r["round"], "flags": r["flags"], "empty": r["empty"]}
+    (run_dir / "echo.json").write_text(json.dumps(out, sort_keys=True))
+    progress(f"echo replies from {sorted(out)}")
+    (run_dir / "DONE").write_text("ok\\n")
+
+
+class EchoClientApp(PhaseClientApp):
+    """Defined here so the simulation's Ray actors, which receive the ClientApp
+    pickled, import this module (and so register the echo host) too."""
+
+
+client_app = EchoClientApp()
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid, context):
+    run_server(grid, context, serve_fn=echo_serve)
+'''
+
+ECHO_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "lada-echo"
+version = "0.1.0"
+description = "engine test app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "lada"
+
+[tool.flwr.app.components]
+serverapp = "engine_echo_app:server_app"
+clientapp = "engine_echo_app:client_app"
+
+[tool.flwr.app.config]
+config-path = ""
+config-text = ""
+run-dir = ""
+run-name = ""
+connect-timeout-s = 120.0
+"""
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def echo_app(tmp_path, monkeypatch):
+    """A Flower app folder with the echo app; "echo" is a registered host here too."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "engine_echo_app.py").write_text(ECHO_APP)
+    (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
+    monkeypatch.syspath_prepend(str(app))
+    monkeypatch.setitem(lada.hosts.HOSTS, "echo", "engine_echo_app:EchoHost")
+    monkeypatch.delitem(sys.modules, "engine_echo_app", raising=False)
+    return app
+
+
+def echo_config(run_dir: Path, name: str = "echo", n: int = 2) -> RunConfig:
+    cfg = RunConfig(name=name, rounds=1, run_dir=str(run_dir), host={"name": "echo"},
+                    data=DataConfig(num_clients=n), clients=[ModelConfig() for _ in range(n)])
+    cfg.validate("test config")
+    return cfg
+
+
+def check_echo(run_dir: Path, n: int = 2) -> None:
+    out = json.loads((run_dir / "echo.json").read_text())
+    assert sorted(out) == [str(k) for k in range(n)]
+    for k in range(n):
+        r = out[str(k)]
+        assert r["k"] == k and r["round"] == 1
+        assert r["x2"] == (2 * (np.arange(6).reshape(2, 3) + k)).tolist()
+        assert r["ids"] == [4, 3, 2, 1, 0]
+        assert r["text"] == f"héllo-{k}"[::-1]
+        assert r["flags"] == [True, False] and r["empty"] == []
+
+
+@pytest.fixture
+def tracked(monkeypatch):
+    """Record the ports and local-federation PIDs the launcher uses, to check later
+    that nothing it started is still running."""
+    seen = {"ports": [], "pids": []}
+    real_free_port = launch.free_port
+
+    def free_port():
+        p = real_free_port()
+        seen["ports"].append(p)
+        return p
+
+    class Tracked(LocalFederation):
+        def start(self):
+            state = super().start()
+            seen["pids"].extend(self.pids.values())
+            return state
+
+    monkeypatch.setattr(launch, "free_port", free_port)
+    monkeypatch.setattr(launch, "LocalFederation", Tracked)
+    return seen
+
+
+def assert_stopped(seen) -> None:
+    for pid in seen["pids"]:
+        assert not _running(pid), f"process {pid} of the local federation is still running"
+    ports = {str(p) for p in seen["ports"]}
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = p.info.get("cmdline") or []
+        if any(c.endswith("flower-superlink") for c in cmd) and "--port" in cmd:
+            port = cmd[cmd.index("--port") + 1] if cmd.index("--port") + 1 < len(cmd) else ""
+            assert port not in ports or p.info["status"] == psutil.STATUS_ZOMBIE, \
+                f"SuperLink {p.pid} on port {port} still running"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ----------------------------------------------------------------------------- inline
+
+def test_inline_transport_echo(echo_app, tmp_path):
+    import engine_echo_app
+
+    cfg = echo_config(tmp_path / "run")
+    transport = InlineTransport(2, {"run-dir": cfg.run_dir, "run-name": cfg.name})
+    engine_echo_app.echo_serve(cfg, transport, progress=lambda s: None)
+    check_echo(tmp_path / "run")
+
+
+def test_inline_client_error_carries_traceback(echo_app, tmp_path):
+    import engine_echo_app
+    from lada.protocol.driver import FederationError
+
+    cfg = echo_config(tmp_path / "run", name="echo-fail")
+    transport = InlineTransport(2, {"run-dir": cfg.run_dir, "run-name": cfg.name})
+    with pytest.raises(FederationError, match="client-1 failed") as e:
+        engine_echo_app.echo_serve(cfg, transport, progress=lambda s: None)
+    assert "Traceback" in str(e.value) and "deliberate failure on client-1" in str(e.value)
+
+
+def test_absolute_paths_and_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(name="p", run_dir="rel/run", cache_dir="cache", data=DataConfig(num_clients=1),
+                    clients=[ModelConfig(checkpoint="ckpt")])
+    out = launch.absolute_paths(cfg)
+    assert out.run_dir == str(tmp_path / "rel/run") and out.cache_dir == str(tmp_path / "cache")
+    assert out.clients[0].checkpoint == str(tmp_path / "ckpt")
+    assert cfg.run_dir == "rel/run"  # the caller's config is left alone
+    run_dir = tmp_path / "rel/run"
+    run_dir.mkdir(parents=True)
+    assert launch._write_config(out, run_dir) == run_dir / "config.toml"
+    (run_dir / "config.toml").write_text("# written by someone else\n")
+    assert launch._write_config(out, run_dir) == run_dir / "engine-config.toml"
+
+
+def test_failure_text_picks_server_traceback():
+    lines = ["noise", "Traceback (most recent call last):", '  File "x.py"', "ValueError: bad",
+             "lada-run-status: failed: ValueError: bad", "after"]
+    assert launch._failure_text(lines, "lada-run-status: failed").splitlines() == lines[1:5]
+    assert launch._failure_text(["nothing"], "lada-run-status: failed") == ""
+
+
+# ----------------------------------------------------------------------------- Flower engines (echo app)
+
+@pytest.mark.e2e
+def test_simulation_echo(echo_app, tmp_path, tracked):
+    cfg = echo_config(tmp_path / "run")
+    run_engine(cfg, "simulation", tmp_path / "run" / "run.log", app_dir=echo_app)
+    check_echo(tmp_path / "run")
+    assert "echo replies from ['0', '1']" in (tmp_path / "run" / "server.log").read_text()
+    assert_stopped(tracked)
+
+
+@pytest.mark.e2e
+def test_simulation_client_error_fails_run(echo_app, tmp_path, tracked):
+    cfg = echo_config(tmp_path / "run", name="echo-fail")
+    with pytest.raises(EngineError) as e:
+        run_engine(cfg, "simulation", tmp_path / "run" / "run.log", app_dir=echo_app)
+    msg = str(e.value)
+    assert "client-1" in msg and "deliberate failure on client-1" in msg and "Traceback" in msg
+    assert not (tmp_path / "run" / "DONE").exists()
+    assert_stopped(tracked)
+
+
+@pytest.mark.e2e
+def test_deployment_echo(echo_app, tmp_path, tracked):
+    cfg = echo_config(tmp_path / "run")
+    run_engine(cfg, "deployment", tmp_path / "run" / "run.log", app_dir=echo_app)
+    check_echo(tmp_path / "run")
+    assert len(tracked["pids"]) == 3  # one SuperLink, two SuperNodes
+    assert_stopped(tracked)
+
+
+@pytest.mark.e2e
+def test_federation_up_down(tmp_path):
+    state = federation_up(1, tmp_path / "fed")
+    pids = list(state["pids"].values())
+    try:
+        assert state["superlink"].startswith("127.0.0.1:") and len(pids) == 2
+        assert all(_running(p) for p in pids)
+        assert (tmp_path / "fed" / "federation.json").exists()
+    finally:
+        federation_down(tmp_path / "fed")
+    assert not any(_running(p) for p in pids)
+    assert not (tmp_path / "fed" / "federation.json").exists()
