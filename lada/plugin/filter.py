@@ -361,9 +361,10 @@ class LadaFilter(DataFilter):
         self._observe(contexts)
         pred = f1[chosen] * self.r_std + self.r_mean
         self._diag = {"candidates": float(n), "selected": float(len(chosen)), "cold_start": 0.0,
-                      "history": float(len(self.hist_r)), "mean_score": float(score[chosen].mean()),
-                      "mean_predicted_reward": float(pred.mean()),
+                      "history": float(len(self.hist_r)),
                       "candidates_mean_predicted_reward": float((f1 * self.r_std + self.r_mean).mean())}
+        if chosen:  # (threshold 1 with ties aside, the best candidate always passes)
+            self._diag.update({"mean_score": float(score[chosen].mean()), "mean_predicted_reward": float(pred.mean())})
         return chosen
 
     def update(self, contexts_selected: Tensor, rewards: Tensor) -> None:
