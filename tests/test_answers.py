@@ -135,6 +135,25 @@ def test_garbage_never_crashes(text):
     check_steps(text)
 
 
+@pytest.mark.parametrize("text", [
+    "answer" + " " * 5000,  # used to backtrack exponentially in the answer-phrase regex
+    "answer is" + " \n" * 3000 + "x",
+    "option" + " :" * 3000,
+    "1" * 5000,  # more digits than int() converts
+    "1" * 5000 + "/3",
+    "<<" + "1" * 5000 + "=1>>",
+    "<<" + "(" * 150 + "1" + ")" * 150 + "=1>>",
+    "<<" * 5000,
+    " " * 10000 + "####" + " " * 10000,
+])
+def test_pathological_text(text):
+    for kind in ("number", "option", "yesno"):
+        extract_answer(text, kind)
+        extract_answer("#### " + text, kind)
+    assert not check_steps(text + "\n#### 1").all_ok or "<<" not in text
+    assert extract_answer("#### " + "1" * 5000, "number") == "1" * 5000
+
+
 # ----------------------------------------------------------------------------- calculator notes
 
 

@@ -52,9 +52,10 @@ def _to_decimal(sign: str, num: str) -> Decimal | None:
 
 def _canonical(value: Decimal) -> str:
     """``Decimal`` -> shortest plain string: ``3.0`` -> ``3``, ``-0`` -> ``0``, ``2.50`` -> ``2.5``."""
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+    s = format(value, "f")  # plain digits, exact (no context rounding, no int() size limit)
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
 
 
 def find_numbers(text: str) -> list[str]:
@@ -96,8 +97,10 @@ def numbers_equal(a: str, b: str) -> bool:
 
 # ----------------------------------------------------------------------------- extraction
 
-_ANSWER_PHRASE = r"(?i:\b(?:answer|ans)\s*(?:is|:|=|-)?\s*(?:option|choice)?\s*[:\-]?\s*)"
-_OPTION_WORD = r"(?i:\b(?:option|choice)\s*[:\-]?\s*)"
+# Possessive quantifiers (*+, ?+): no backtracking, so long runs of spaces in generated
+# text cannot make a search take exponential time.
+_ANSWER_PHRASE = r"(?i:\b(?:answer|ans)\b(?:\s*+(?:is|:|=|-))?+(?:\s*+(?:option|choice))?+\s*+[:\-]?+\s*+)"
+_OPTION_WORD = r"(?i:\b(?:option|choice)\b\s*+[:\-]?+\s*+)"
 _YESNO_RE = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
 
 
