@@ -286,3 +286,17 @@ def test_federation_up_down(tmp_path):
         federation_down(tmp_path / "fed")
     assert not any(_running(p) for p in pids)
     assert not (tmp_path / "fed" / "federation.json").exists()
+
+
+@pytest.mark.e2e
+def test_deployment_on_running_superlink(echo_app, tmp_path):
+    """`--superlink HOST:PORT`: the config travels as text, success is read from the log."""
+    state = federation_up(2, tmp_path / "fed")
+    try:
+        cfg = echo_config(tmp_path / "run")
+        run_engine(cfg, "deployment", tmp_path / "run" / "run.log", superlink=state["superlink"], app_dir=echo_app)
+        check_echo(tmp_path / "run")
+        assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()
+    finally:
+        federation_down(tmp_path / "fed")
+    assert not any(_running(p) for p in state["pids"].values())
