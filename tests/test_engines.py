@@ -300,3 +300,53 @@ def test_deployment_on_running_superlink(echo_app, tmp_path):
     finally:
         federation_down(tmp_path / "fed")
     assert not any(_running(p) for p in state["pids"].values())
+
+
+# ----------------------------------------------------------------------------- full runs of the tiny config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _model_stack_ready() -> bool:
+    try:
+        import lada.hosts.standalone  # noqa: F401
+        from lada.models.warmup import participant_checkpoint  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_models = pytest.mark.skipif(not _model_stack_ready(), reason="model stack (warm-up, standalone host) not importable")
+
+
+def tiny_config(run_dir: Path, *overrides: str):
+    from lada.config import load_config
+
+    return load_config(REPO / "configs" / "tiny-test.toml",
+                       [f'run_dir="{run_dir}"', 'host.name="standalone"', "rounds=2", *overrides])
+
+
+@needs_models
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["inline", "simulation", "deployment"])
+def test_tiny_run(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_config(tmp_path / "run")
+    run_engine(cfg, engine, tmp_path / "run" / "run.log")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    participants = ["llm"] + [f"client-{k}" for k in range(len(cfg.clients))]
+    assert [(r["round"], r["participant"]) for r in rows] == [(t, p) for t in range(3) for p in participants]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["bytes_up"] >= 0 and r["bytes_down"] >= 0 and r["seconds"] >= 0
+    assert (tmp_path / "run" / "DONE").exists()
+
+
+@needs_models
+@pytest.mark.e2e
+def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_config(tmp_path / "run", f'clients.1.checkpoint="{tmp_path / "no-such-checkpoint"}"')
+    with pytest.raises(EngineError) as e:
+        run_engine(cfg, "simulation", tmp_path / "run" / "run.log")
+    assert "client-1" in str(e.value) and "no-such-checkpoint" in str(e.value)
