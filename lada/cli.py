@@ -85,10 +85,9 @@ def _participant_of(ckpt: Path) -> str:
 
 
 def cmd_warmup(args) -> int:
-    from lada.models.warmup import warmup_main
+    from lada.models.warmup import main as warmup_main
 
-    cfg = _load(args)
-    return warmup_main(cfg, ship=args.ship)
+    return warmup_main([args.config] + (["--ship"] if args.ship else []))
 
 
 def cmd_federation(args) -> int:
@@ -140,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies")
     w.add_argument("config")
-    w.add_argument("--set", action="append", metavar="KEY=VALUE")
     w.add_argument("--ship", action="store_true", help="also copy the checkpoints into the repo's checkpoints/ folder")
     w.set_defaults(func=cmd_warmup)
 

@@ -36,11 +36,11 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
 def warm_up_all(cfg: RunConfig) -> None:
     """Warm up (or find cached) every participant's starting model before the
     federation starts, so progress is visible here and nodes start fast."""
-    from lada.models.warmup import participant_checkpoint
+    from lada.protocol.node import participant_checkpoint
 
     for participant in ["llm"] + [f"client-{k}" for k in range(len(cfg.clients))]:
         t0 = time.perf_counter()
-        path = participant_checkpoint(cfg, participant)
+        path = participant_checkpoint(cfg, participant, progress=True)
         log.info("warm-up %s: %s (%.1fs)", participant, path, time.perf_counter() - t0)
 
 

@@ -26,6 +26,17 @@ def cache_dir(cfg: "RunConfig") -> Path:
     return Path(cfg.cache_dir or os.environ.get("LADA_CACHE") or Path.home() / ".cache" / "lada")
 
 
+def participant_checkpoint(cfg: "RunConfig", participant: str, progress: bool = False) -> Path:
+    """The warmed-up starting model of ``llm`` or ``client-<k>`` (shipped, cached, or
+    trained now), as the warm-up stage defines it."""
+    from lada.data import build_federated_data, tokenizer_corpus
+    from lada.models.warmup import warmup_participant
+
+    who = "server" if participant == "llm" else participant.replace("-", "")
+    fed = build_federated_data(cfg.data, cfg.seed)
+    return warmup_participant(cfg, fed, tokenizer_corpus(cfg.data, cfg.seed), who, cache_dir(cfg), progress=progress)
+
+
 class Node:
     """Shared behaviour of server and client nodes."""
 
@@ -122,8 +133,6 @@ class ServerNode(Node):
         return self.cfg.seed * 1000 + 999
 
     def initial_checkpoint(self) -> Path:
-        from lada.models.warmup import participant_checkpoint
-
         return participant_checkpoint(self.cfg, "llm")
 
     @property
@@ -156,8 +165,6 @@ class ClientNode(Node):
         return self.cfg.seed * 1000 + self.index
 
     def initial_checkpoint(self) -> Path:
-        from lada.models.warmup import participant_checkpoint
-
         return participant_checkpoint(self.cfg, self.participant)
 
     @property
