@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+
+from lada.config import ConfigError, load_config
+from lada.hosts.fedmkt import (Encoded, FedMKTConfig, TopK, choose_teacher, own_targets, transfer_targets)
+from lada.protocol.driver import handle_message, run_federation
+
+
+# ----------------------------------------------------------------------------- selection and targets
+
+def test_greater_selection_lower_cross_entropy_wins():
+    own = np.array([1.0, 2.0, 3.0, 1.5])
+    others = np.array([[0.5, 2.5, np.nan, 1.5],    # client 0
+                       [0.7, 1.0, 2.0, np.nan]])   # client 1
+    assert choose_teacher(own, others).tolist() == [1, 2, 2, 0]  # tie (1.5 vs 1.5) keeps own
+
+
+def test_selection_ignores_senders_that_are_not_candidates():
+    assert choose_teacher(np.array([5.0]), np.array([[np.nan]])).tolist() == [0]
+
+
+def _topk(ids, starts_per, idx_per, logp_per, nll):
+    return TopK(list(ids), np.array([len(s) for s in starts_per], dtype=np.int32),
+                np.concatenate(starts_per).astype(np.int32), np.concatenate(idx_per).astype(np.int32),
+                np.concatenate(logp_per).astype(np.float16), np.array(nll, dtype=np.float32))
+
+
+def test_transfer_targets_map_aligned_positions_and_fall_back_to_gold_elsewhere():
+    # receiver tokens start at bytes 0, 1, 3 and EOS at 5; sender tokens at 0, 2, 3 and EOS at 5
+    recv = Encoded("e", [1, 2, 3, 4, 5], [-100, 2, 3, 4, 5], np.array([0, 1, 3, 5], np.int32), np.array([7, 8, 9, 2]))
+    logp = np.log(np.array([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.99, 0.01]]))
+    tk = _topk(["e"], [np.array([0, 2, 3, 5])], [np.array([[0, 1], [1, 2], [2, 3], [3, 0]])], [logp], [1.0])
+    mapping = np.array([10, 10, 11, 2], dtype=np.int32)  # sender ids 0 and 1 collapse onto 10
+    ids, probs, aligned = transfer_targets(recv, tk, slice(0, 4), mapping, 12, temperature=1.0)
+    assert aligned.tolist() == [True, False, True, True]
+    assert ids[0, 0] == 10 and probs[0, 0] == pytest.approx(1.0)          # 0.6 + 0.4 merged
+    assert ids[1, 0] == 8 and probs[1].tolist() == [1.0, 0.0]             # no sender token starts at byte 1
+    assert ids[2].tolist() == [11, 2] and probs[2] == pytest.approx([0.9, 0.1], rel=1e-3)
+    assert ids[3, 0] == 2                                                  # EOS aligns with EOS
+
+
+def test_own_targets_renormalise_over_the_top_k_with_temperature():
+    tk = _topk(["a"], [np.array([0])], [np.array([[4, 5]])], [np.log(np.array([[0.3, 0.1]]))], [1.0])
+    ids, probs = own_targets(tk, slice(0, 1), temperature=1.0)
+    assert ids.tolist() == [[4, 5]] and probs[0] == pytest.approx([0.75, 0.25], rel=1e-3)
+    _, hot = own_targets(tk, slice(0, 1), temperature=2.0)
+    assert hot[0, 0] < probs[0, 0]
+
+
+def test_topk_payload_round_trip_is_compact_and_checked():
+    tk = _topk(["a", "b"], [np.array([0, 1]), np.array([0])], [np.zeros((2, 3)), np.ones((1, 3))],
+               [np.zeros((2, 3)), np.zeros((1, 3))], [1.0, 2.0])
+    p = tk.to_payload()
+    assert p["tk_idx"].dtype == np.int32 and p["tk_logp"].dtype == np.float16
+    back = TopK.from_payload(p)
+    assert back.ids == ["a", "b"] and back.by_id() == {"a": slice(0, 2), "b": slice(2, 3)}
+    p["tk_starts"] = p["tk_starts"][:2]
+    with pytest.raises(ValueError, match="inconsistent top-k shapes"):
+        TopK.from_payload(p)
+
+
+@pytest.mark.parametrize("field,value,msg", [("alpha", 1.5, "alpha"), ("selection", "best", "selection"),
+                                             ("top_k", 0, "top_k"), ("metric", "x", "metric")])
+def test_config_is_validated(field, value, msg):
+    cfg = FedMKTConfig(**{field: value})
+    with pytest.raises(ConfigError, match=msg):
+        cfg.validate("[host]")
+
+
+# ----------------------------------------------------------------------------- host on tiny models
+
+TINY = ["rounds=1", "data.train_per_client=8", "data.test_per_client=3", "data.public_size=6",
+        "data.server_test_size=4", "data.server_train_size=30", "server.warmup_steps=2",
+        "clients.0.warmup_steps=2", "clients.1.warmup_steps=2", "clients.2.warmup_steps=2",
+        "train.local_steps=1", "train.server_steps=1", "train.batch_size=4", "generation.max_new_tokens=4"]
+
+
+class DirectTransport:
+    """Calls the client handler in-process, as the inline engine does."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.seen: list[tuple[str, int]] = []
+
+    def client_ids(self):
+        return list(range(len(self.cfg.clients)))
+
+    def exchange(self, phase, rnd, payloads):
+        self.seen.append((phase.name, rnd))
+        rc = {"run-dir": str(self.cfg.resolved_run_dir())}
+        return {k: handle_message(phase.name, rnd, p, {"partition-id": k}, rc) for k, p in payloads.items()}
+
+
+def run_tiny(host: str, tmp_path, cache, extra=(), plugin=None):
+    from lada.hosts import make_host
+    from lada.plugin import make_plugin
+    from lada.protocol.node import ServerNode, server_workspace
+
+    cfg = load_config("configs/tiny-test.toml", [f'host.name="{host}"', f'run_dir="{tmp_path}/run"',
+                                                  f'cache_dir="{cache}"', *TINY, *extra])
+    server = ServerNode(cfg, server_workspace(cfg))
+    plugin = plugin(cfg) if plugin else make_plugin(cfg)
+    transport = DirectTransport(cfg)
+    rows: list[dict] = []
+    run_federation(cfg, transport, server, make_host(cfg, plugin), plugin, lambda r, rs: rows.extend(rs))
+    return cfg, transport, rows
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("lada-cache")
+
+
+def test_fedmkt_round_on_tiny_heterogeneous_models(tmp_path, model_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, transport, rows = run_tiny("fedmkt", tmp_path, model_cache)
+    assert [p for p, r in transport.seen if r == 1] == ["vocab", "local_train", "client_logits", "server_logits",
+                                                          "evaluate"]
+    llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    clients = [r for r in rows if r["round"] == 1 and r["participant"] != "llm"]
+    assert np.isfinite(llm["kd_loss"]) and np.isfinite(llm["lm_loss"]) and llm["distill_samples"] == 6
+    assert 0.0 <= llm["other_share"] <= 1.0
+    for r in clients:
+        assert np.isfinite(r["kd_loss"]) and r["distill_samples"] == 6 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    # the token mappings of round 1 persist for later rounds
+    nodes = cfg.resolved_run_dir() / "nodes"
+    assert (nodes / "server" / "token_maps" / "client0_to_llm.npy").is_file()
+    assert (nodes / "client-1" / "token_maps" / "llm_to_client.npy").is_file()
+
+
+class KeepThree:
+    """A plug-in that keeps the first three candidates of every transfer and records
+    the hooks it sees (server side only: clients build theirs from the config)."""
+
+    name = "keep-three"
+
+    def __init__(self, cfg):
+        from lada.protocol.host import Plugin
+
+        self.base = Plugin(cfg)
+        self.calls: list[tuple[str, str, int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def select(self, direction, rnd, items, node, lm, pair):
+        assert {"example_id", "prompt", "text", "correct", "sender_logprob", "n_tokens"} <= set(items[0])
+        self.calls.append(("select", direction, pair, len(items)))
+        return items[:3]
+
+    def extra_loss(self, direction, rnd, items, node, lm, pair):
+        import torch
+
+        self.calls.append(("extra_loss", direction, pair, len(items)))
+        return lambda step: torch.zeros(())
+
+    def after_update(self, direction, rnd, items, node, lm, pair):
+        self.calls.append(("after_update", direction, pair, len(items)))
+
+
+def test_fedmkt_calls_the_plugin_hooks_per_pair_on_the_server(tmp_path, model_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    made = []
+
+    def factory(cfg):
+        made.append(KeepThree(cfg))
+        return made[0]
+
+    _, _, rows = run_tiny("fedmkt", tmp_path, model_cache, plugin=factory)
+    calls = made[0].calls
+    assert [c for c in calls if c[0] == "select"] == [("select", "up", k, 6) for k in range(3)]
+    assert [c for c in calls if c[0] == "after_update"] == [("after_update", "up", k, 3) for k in range(3)]
+    assert len([c for c in calls if c[0] == "extra_loss"]) == 3
+    llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    assert llm["distill_samples"] == 3  # only examples some pair kept are distilled
