@@ -307,42 +307,29 @@ def test_deployment_on_running_superlink(echo_app, tmp_path):
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _model_stack_ready() -> bool:
-    try:
-        import lada.hosts.standalone  # noqa: F401
-        from lada.models.warmup import participant_checkpoint  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_models = pytest.mark.skipif(not _model_stack_ready(), reason="model stack (warm-up, standalone host) not importable")
-
-
 def tiny_config(run_dir: Path, *overrides: str):
     from lada.config import load_config
 
-    return load_config(REPO / "configs" / "tiny-test.toml",
-                       [f'run_dir="{run_dir}"', 'host.name="standalone"', "rounds=2", *overrides])
+    return load_config(REPO / "configs" / "tiny-test.toml", [f'run_dir="{run_dir}"', "rounds=2", *overrides])
 
 
-@needs_models
 @pytest.mark.e2e
-@pytest.mark.parametrize("engine", ["inline", "simulation", "deployment"])
-def test_tiny_run(engine, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine, host", [("inline", "standalone"), ("simulation", "cot"), ("deployment", "cot")])
+def test_tiny_run(engine, host, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = tiny_config(tmp_path / "run")
+    # Deployment starts a process per message: one round keeps the test short.
+    rounds = 1 if engine == "deployment" else 2
+    cfg = tiny_config(tmp_path / "run", f'host.name="{host}"', f"rounds={rounds}")
     run_engine(cfg, engine, tmp_path / "run" / "run.log")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     participants = ["llm"] + [f"client-{k}" for k in range(len(cfg.clients))]
-    assert [(r["round"], r["participant"]) for r in rows] == [(t, p) for t in range(3) for p in participants]
+    assert [(r["round"], r["participant"]) for r in rows] == [(t, p) for t in range(rounds + 1) for p in participants]
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["bytes_up"] >= 0 and r["bytes_down"] >= 0 and r["seconds"] >= 0
     assert (tmp_path / "run" / "DONE").exists()
 
 
-@needs_models
 @pytest.mark.e2e
 def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
