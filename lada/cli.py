@@ -1,4 +1,4 @@
-"""Command line: `lada run | eval | warmup | federation | report`."""
+"""Command line: `lada run | eval | warmup | grid | federation | report`."""
 
 from __future__ import annotations
 
@@ -104,6 +104,12 @@ def cmd_federation(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    from lada.experiments.grid import main_grid
+
+    return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []))
+
+
 def cmd_report(args) -> int:
     from lada.experiments.report import read_metrics
     from lada.experiments.runner import finish_run
@@ -147,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--clients", type=int, default=3)
     f.add_argument("--state-dir", default=".lada-federation")
     f.set_defaults(func=cmd_federation)
+
+    g = sub.add_parser("grid", help="run methods x seeds on one config; write a results table and plot")
+    g.add_argument("config")
+    g.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--out", default="results/grid")
+    g.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None)
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base config")
+    g.set_defaults(func=cmd_grid)
 
     rp = sub.add_parser("report", help="rewrite a run's table and plot from its metrics.jsonl")
     rp.add_argument("run_dir")

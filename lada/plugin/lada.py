@@ -26,6 +26,7 @@ The hooks use only ``node.workspace``, ``node.seed``, ``node.public`` and
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -213,6 +214,7 @@ class LadaPlugin(Plugin):
     def select(self, direction: str, rnd: int, items: list[dict], node: Any, lm: Any, pair: int) -> list[dict]:
         """Filter the verified-correct candidates; remember the choice for the reward."""
         _check_direction(direction)
+        t0 = time.perf_counter()
         cands = [it for it in items if it.get("correct", True) and it.get("steps_ok", True)]
         prefix = self._prefix(direction, pair)
         pending = self._pending_path(node, direction, pair)
@@ -240,6 +242,7 @@ class LadaPlugin(Plugin):
             node.log_metric(prefix + "selected_steps", float(ctx[idx, -2].mean()))
             node.log_metric(prefix + "selected_nll", float(nll[idx].mean()))
         node.log_metric(prefix + "candidates_nll", float(nll.mean()))
+        _add_seconds(node, prefix + "filter_seconds", time.perf_counter() - t0)
         return chosen
 
     def extra_loss(self, direction: str, rnd: int, items: list[dict], node: Any, lm: Any,
@@ -290,6 +293,7 @@ class LadaPlugin(Plugin):
         """Reward each selected path by the receiver's gain in per-token likelihood;
         the pair's filter learns from it."""
         _check_direction(direction)
+        t0 = time.perf_counter()
         path = self._pending_path(node, direction, pair)
         if not path.exists():
             return
@@ -306,6 +310,7 @@ class LadaPlugin(Plugin):
         prefix = self._prefix(direction, pair)
         node.log_metric(prefix + "reward", float(rewards.mean()))
         node.log_metric(prefix + "nll_after", float(nll_after.mean()))
+        _add_seconds(node, prefix + "filter_seconds", time.perf_counter() - t0)
 
     # ---- the receiver's own paths (y- and novelty)
     def own_paths(self, direction: str, rnd: int, node: Any, lm: Any,
@@ -427,3 +432,10 @@ def _pick_negative(paths: list[tuple[str, bool]], positive: str) -> str | None:
 def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
         raise ValueError(f"lada plug-in: direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def _add_seconds(node: Any, name: str, seconds: float) -> None:
+    """Accumulate the filter's own time (contexts, selection, reward, bandit training)
+    over a round, so its overhead can be set against the round's seconds."""
+    metrics = getattr(node, "state", {}).get("metrics", {})
+    node.log_metric(name, float(metrics.get(name, 0.0)) + seconds)
