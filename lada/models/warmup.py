@@ -254,6 +254,27 @@ def format_table(cfg: RunConfig, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ship_checkpoint(model_cfg: ModelConfig, path: Path, root: Path | None = None) -> Path:
+    """Copy a warm-up into the repo's ``checkpoints/`` with float16 weights (half the
+    bytes; loading casts back to the config's dtype). Written to a temp dir, then renamed."""
+    import torch
+
+    from lada.models.loading import load_model
+
+    root = root or REPO_CHECKPOINTS
+    dest, tmp = root / path.name, root / f"{path.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(path, tmp)
+    lm = load_model(dataclasses.replace(model_cfg, lora_r=0, dtype="float32", device="cpu"), path)
+    lm.model.to(dtype=torch.float16).save_pretrained(str(tmp))
+    meta = read_meta(tmp)
+    meta["shipped_dtype"] = "float16"
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lada.models.warmup",
@@ -291,10 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         path = warmup_participant(cfg, fed, corpus, who, cache, progress=True, use_shipped=not args.ship)
         meta = read_meta(path)
         if args.ship and path.parent != REPO_CHECKPOINTS:
-            dest = REPO_CHECKPOINTS / path.name
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(path, dest)
-            print(f"{who}: shipped {dest}", file=sys.stderr)
+            path = ship_checkpoint(participant_config(cfg, who), path)
+            print(f"{who}: shipped {path}", file=sys.stderr)
         row = {"who": who, "model": participant_config(cfg, who), "params": meta["params"], "steps": meta["steps"],
                "seconds": meta["seconds"], "path": str(path),
                "domain": "" if who == "server" else cfg.data.domains[int(who.removeprefix("client"))]}
