@@ -99,3 +99,20 @@ def test_stages_and_examples_are_exclusive(tmp_path):
         warmup_checkpoint(_cfg(), ex, CORPUS, 0, tmp_path, stages=[(ex, 2)])
     with pytest.raises(ValueError, match="no examples"):
         warmup_checkpoint(_cfg(), [], CORPUS, 0, tmp_path, use_shipped=False)
+
+
+def test_ship_checkpoint_writes_float16_copy_that_loads(tmp_path):
+    import torch
+
+    from lada.models.loading import load_model
+
+    cfg = _cfg(warmup_steps=2)
+    path = warmup_checkpoint(cfg, generate("general", 8, seed=0), CORPUS, 0, tmp_path, train_cfg=TRAIN,
+                             progress=False, use_shipped=False)
+    shipped = wu.ship_checkpoint(cfg, path, root=tmp_path / "ship")
+    assert shipped == tmp_path / "ship" / path.name
+    assert read_meta(shipped)["shipped_dtype"] == "float16"
+    assert (shipped / "model.safetensors").stat().st_size < (path / "model.safetensors").stat().st_size
+    a, b = load_model(cfg, path), load_model(cfg, shipped)
+    wa, wb = a.model.get_input_embeddings().weight, b.model.get_input_embeddings().weight
+    assert wb.dtype == torch.float32 and torch.allclose(wa, wb, atol=1e-2)
