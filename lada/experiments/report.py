@@ -59,7 +59,10 @@ def print_table(rows: list[dict], title: str = "accuracy per round") -> None:
         table.add_column(h, justify="right")
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze columns to 80 characters
+        console = Console(width=max(120, 14 * len(header)))
+    console.print(table)
 
 
 def plot_accuracy(rows: list[dict], out: str | Path, title: str = "") -> Path:
