@@ -57,7 +57,7 @@ def cmd_eval(args) -> int:
         source, _, path = args.data.partition(":")
         examples = load_dataset(source, path)
     else:
-        data = build_federated_data(cfg.data, cfg.seed)
+        data = build_federated_data(cfg.data, cfg.data.seed)
         examples = data.server_test if part == "llm" else data.clients[int(part.split("-")[1])].test
     if args.limit:
         examples = examples[: args.limit]

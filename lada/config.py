@@ -70,6 +70,9 @@ class DataConfig:
     set and the held-out sets."""
 
     source: str = "synthetic"
+    # Seed of the split and of the warm-up (the stand-in for a fixed pre-trained model):
+    # repeated runs of one experiment vary the run's `seed`, not this one.
+    seed: int = 0
     path: str = ""  # data file for file sources; empty: the copy shipped in the repo
     num_clients: int = 3
     train_per_client: int = 300

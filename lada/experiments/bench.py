@@ -40,7 +40,7 @@ def bench(config: str, n_prompts: int = 64) -> dict:
     from lada.protocol.node import participant_checkpoint
 
     cfg = load_config(config)
-    fed = build_federated_data(cfg.data, cfg.seed)
+    fed = build_federated_data(cfg.data, cfg.data.seed)
     results: dict = {"config": config, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                      "python": platform.python_version(), "torch": torch.__version__, "cases": {}}
     cases = results["cases"]

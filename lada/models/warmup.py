@@ -183,7 +183,7 @@ CLIENT_GENERAL_MAX_STEPS = 3
 
 def participant_seed(cfg: RunConfig, who: str) -> int:
     """Model-init seed of a participant: ``server`` or ``client<k>``."""
-    return cfg.seed if who == "server" else cfg.seed + 1 + int(who.removeprefix("client"))
+    return cfg.data.seed if who == "server" else cfg.data.seed + 1 + int(who.removeprefix("client"))
 
 
 def participant_stages(cfg: RunConfig, fed: "FederatedData", who: str) -> list[Stage]:
@@ -221,7 +221,7 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
     from lada.data.synthetic import generate
 
     seen = {ex.question for xs in fed.named_sets().values() for ex in xs}
-    stream = cfg.seed + 2_000_003  # a seed no federation set is drawn from
+    stream = cfg.data.seed + 2_000_003  # a seed no federation set is drawn from
     sets = {"general 1-3": generate("general", n, stream, 1, 3, step_weights=[1, 1, 1], exclude=seen),
             "general 4-6": generate("general", n, stream, 4, 6, step_weights=[1, 1, 1], exclude=seen)}
     for k, shard in enumerate(fed.clients):
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     cache = Path(args.cache_dir or cfg.cache_dir or default_cache_dir())
-    fed = build_federated_data(cfg.data, cfg.seed)
-    corpus = tokenizer_corpus(cfg.data, cfg.seed)
+    fed = build_federated_data(cfg.data, cfg.data.seed)
+    corpus = tokenizer_corpus(cfg.data, cfg.data.seed)
     who_all = participants(cfg)
     chosen = [w.strip() for w in args.only.split(",") if w.strip()] or who_all
     for w in chosen:

@@ -33,8 +33,8 @@ def participant_checkpoint(cfg: "RunConfig", participant: str, progress: bool = 
     from lada.models.warmup import warmup_participant
 
     who = "server" if participant == "llm" else participant.replace("-", "")
-    fed = build_federated_data(cfg.data, cfg.seed)
-    return warmup_participant(cfg, fed, tokenizer_corpus(cfg.data, cfg.seed), who, cache_dir(cfg), progress=progress)
+    fed = build_federated_data(cfg.data, cfg.data.seed)
+    return warmup_participant(cfg, fed, tokenizer_corpus(cfg.data, cfg.data.seed), who, cache_dir(cfg), progress=progress)
 
 
 class Node:
@@ -118,7 +118,7 @@ class Node:
     def data(self) -> "FederatedData":
         from lada.data import build_federated_data
 
-        return build_federated_data(self.cfg.data, self.cfg.seed)
+        return build_federated_data(self.cfg.data, self.cfg.data.seed)
 
 
 class ServerNode(Node):
