@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
@@ -169,16 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the user's input or environment: printed as
+    one message, without a traceback (``-v`` shows it)."""
+    from lada.data.loaders import DataFormatError
+    from lada.data.partition import PartitionError
+    from lada.engines.launch import EngineError
+    from lada.experiments.runner import RunDirError
+    from lada.protocol.driver import FederationError
+
+    return (FileNotFoundError, DataFormatError, PartitionError, EngineError, RunDirError, FederationError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from lada.config import ConfigError
 
+    global USER_ERRORS
+    USER_ERRORS = () if args.verbose else _user_errors()
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -231,5 +231,7 @@ def serve(cfg, transport: Transport, progress: Callable[[str], None] = print) ->
         progress(f"round {rnd}: {accs}")
 
     run_federation(cfg, transport, server, host, plugin, on_round, progress)
+    if not server.model_dir.exists():  # hosts that never update the LLM: keep its checkpoint with the run too
+        server.save_model(server.model())
     (run_dir / "DONE").write_text("ok\n")
     return all_rows
