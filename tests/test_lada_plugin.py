@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -22,22 +21,13 @@ from lada.models.training import train_steps  # noqa: E402
 from lada.plugin.filter import FilterConfig  # noqa: E402
 from lada.plugin.lada import (UP_PHASE, LadaConfig, LadaPlugin, _pick_negative, build_contexts,  # noqa: E402
                               receiver_features)
+from helpers import arithmetic_examples  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        steps = [f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}"]
-        if i % 2:
-            steps.append(f"{a + b}*2=<<{a + b}*2={2 * (a + b)}>>{2 * (a + b)}")
-        ans = a + b if len(steps) == 1 else 2 * (a + b)
-        q = f"{a} plus {b}?" if len(steps) == 1 else f"{a} plus {b}, doubled?"
-        out.append(Example(id=f"q{i}", question=q, rationale="\n".join(steps), answer=str(ans), answer_type="number"))
-    return out
+    return arithmetic_examples(n, seed, prefix="q")
 
 
 EXAMPLES = _examples(12)

@@ -4,7 +4,6 @@ training and evaluation, all on d32 x 2-layer models built from an inline corpus
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from lada.models.scoring import mean_nll, sequence_logprobs, token_logprobs  # n
 from lada.models.tiny import tiny_model_config  # noqa: E402
 from lada.models.tokenizers import tokenizer_for, train_tokenizer  # noqa: E402
 from lada.models.training import IGNORE, encode_pairs, lr_factor, train_steps  # noqa: E402
+from helpers import arithmetic_examples
 
 # peft calls a transformers method that is deprecated in 5.x; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -28,17 +28,7 @@ FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        steps = [f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}"]
-        if i % 2:
-            steps.append(f"{a + b}*2=<<{a + b}*2={2 * (a + b)}>>{2 * (a + b)}")
-        ans = a + b if len(steps) == 1 else 2 * (a + b)
-        q = f"{a} plus {b}?" if len(steps) == 1 else f"{a} plus {b}, doubled?"
-        out.append(Example(id=f"t{i}", question=q, rationale="\n".join(steps), answer=str(ans), answer_type="number"))
-    return out
+    return arithmetic_examples(n, seed, prefix="t")
 
 
 EXAMPLES = _examples(8)
