@@ -222,6 +222,7 @@ class LadaPlugin(Plugin):
         if not cands:
             pending.unlink(missing_ok=True)
             node.log_metric(prefix + "selected", 0)
+            _add_seconds(node, prefix + "filter_seconds", time.perf_counter() - t0)
             return []
         filt = self._load_filter(node, direction, pair)
         hidden, nll, ntok = self._features(lm, cands, hidden=filt.kind == "lada")
