@@ -138,9 +138,9 @@ def test_extra_loss_is_lambda_log2_at_round_start_and_differentiable(lm, tmp_pat
     assert LadaPlugin(run_cfg(), LadaConfig(distill="sft")).extra_loss("down", 1, chosen, node, lm, 0) is None
 
 
-def test_pick_negative_prefers_wrong_paths():
+def test_pick_negative_takes_only_wrong_paths():
     assert _pick_negative([("a", True), ("b", False)], "x") == "b"
-    assert _pick_negative([("a", True), ("y", True)], "a") == "y"
+    assert _pick_negative([("a", True), ("y", True)], "a") is None  # never push a correct path down
     assert _pick_negative([("a", False)], "a") is None
     assert _pick_negative([], "a") is None
 

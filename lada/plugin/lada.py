@@ -62,6 +62,7 @@ class LadaConfig:
     up_novel_only: bool = True  # upward candidates: only questions the LLM's own paths fail
     up_questions: int = 0  # public questions each client answers per round upward (0: all)
     server_steps: int = 0  # LLM optimizer steps of the upward phase (0: train.server_steps)
+    up_replay: float = 1.0  # server's own training examples mixed in per transferred path (against forgetting)
     score_batch_size: int = 16  # sequences per forward pass when computing contexts
 
     def validate(self, where: str = "[plugin]") -> None:
@@ -83,6 +84,8 @@ class LadaConfig:
         for name in ("pair_batch", "negative_paths", "score_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        if self.up_replay < 0:
+            raise ConfigError(f"{where}.up_replay: must be >= 0, got {self.up_replay}")
         for name in ("up_questions", "server_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
@@ -399,6 +402,8 @@ class LadaPlugin(Plugin):
             if extra is not None:
                 extras.append(extra)
         pairs = [(it["prompt"], it["text"]) for k in chosen for it in chosen[k]]
+        replay = _replay_pairs(getattr(server, "train_set", []), round(self.opts.up_replay * len(pairs)),
+                               seed=int(server.seed) * 31 + rnd)
         steps = self.opts.server_steps or self.cfg.train.server_steps
         if not pairs or steps <= 0:
             for k in chosen:
@@ -411,7 +416,7 @@ class LadaPlugin(Plugin):
                 return None
             return sum(f(step) for f in extras) / len(extras)
 
-        stats = train_steps(lm, pairs, steps, self.cfg.train, seed=int(server.seed) + rnd,
+        stats = train_steps(lm, pairs + replay, steps, self.cfg.train, seed=int(server.seed) + rnd,
                             extra_loss=combined if extras else None, desc="llm lada_up")
         for k in chosen:
             self.after_update("up", rnd, chosen[k], server, lm, k)
@@ -421,13 +426,24 @@ class LadaPlugin(Plugin):
 
 
 def _pick_negative(paths: list[tuple[str, bool]], positive: str) -> str | None:
-    """The receiver's own path for y-: an unverified (wrong) one if any, else any
-    path that differs from y+; None when every own path equals y+."""
-    others = [(t, ok) for t, ok in paths if t != positive]
-    wrong = [t for t, ok in others if not ok]
-    if wrong:
-        return wrong[0]
-    return others[0][0] if others else None
+    """The receiver's own path for y-: a wrong (unverified) one, or None. A correct own
+    path is never a negative: pushing its likelihood down would unteach the receiver
+    what it already gets right (on the default testbed that cost the LLM 10 points in
+    one round), so such a question only gets the SFT part."""
+    wrong = [t for t, ok in paths if not ok and t != positive]
+    return wrong[0] if wrong else None
+
+
+def _replay_pairs(examples: list, n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` of the LLM's own training examples, drawn afresh each round. The upward
+    transfer is a few dozen paths; training on them alone for a round's steps makes the
+    LLM forget its general reasoning, as a client would forget without its private data."""
+    if n <= 0 or not examples:
+        return []
+    from lada.data.records import example_prompt, example_target
+
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [(example_prompt(examples[i]), example_target(examples[i])) for i in idx]
 
 
 def _check_direction(direction: str) -> None:
