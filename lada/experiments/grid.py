@@ -71,6 +71,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     total = len(methods) * len(seeds)
     for i, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), 1):
         cfg = method_config(base, method, seed, out_dir, overrides or [])
+        cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
         if (run_dir / "DONE").exists() and (run_dir / "config.toml").read_text() == cfg.to_toml():
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
