@@ -26,6 +26,7 @@ The hooks use only ``node.workspace``, ``node.seed``, ``node.public`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class LadaConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     distill: str = "contrastive"  # sft: the host's transfer only | contrastive: + lambda_ * L_cd
     variant: str = "dpo"  # sequence-level DPO-like loss (the only one the protocol can carry; see docs/lada.md)
-    lambda_: float = 1.0  # weight of the contrastive loss next to the (mean token) SFT loss
+    lambda_: float = 0.1  # weight of the contrastive loss next to the (mean token) SFT loss; see docs/lada.md
     beta: float = 0.1  # DPO temperature on the log-ratio margin
     length_normalize: bool = False  # divide each log-ratio by its token count
     pair_batch: int = 4  # (y+, y-) pairs per optimizer step
@@ -63,6 +64,7 @@ class LadaConfig:
     up_questions: int = 0  # public questions each client answers per round upward (0: all)
     server_steps: int = 0  # LLM optimizer steps of the upward phase (0: train.server_steps)
     up_replay: float = 1.0  # server's own training examples mixed in per transferred path (against forgetting)
+    up_max_epochs: float = 2.0  # cap the upward steps at this many passes over its (small) training mix
     score_batch_size: int = 16  # sequences per forward pass when computing contexts
 
     def validate(self, where: str = "[plugin]") -> None:
@@ -84,6 +86,8 @@ class LadaConfig:
         for name in ("pair_batch", "negative_paths", "score_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        if self.up_max_epochs <= 0:
+            raise ConfigError(f"{where}.up_max_epochs: must be > 0, got {self.up_max_epochs}")
         if self.up_replay < 0:
             raise ConfigError(f"{where}.up_replay: must be >= 0, got {self.up_replay}")
         for name in ("up_questions", "server_steps"):
@@ -405,6 +409,8 @@ class LadaPlugin(Plugin):
         replay = _replay_pairs(getattr(server, "train_set", []), round(self.opts.up_replay * len(pairs)),
                                seed=int(server.seed) * 31 + rnd)
         steps = self.opts.server_steps or self.cfg.train.server_steps
+        # A few dozen paths: a full round of steps would be a dozen epochs of memorising them.
+        steps = min(steps, math.ceil(self.opts.up_max_epochs * len(pairs + replay) / self.cfg.train.batch_size))
         if not pairs or steps <= 0:
             for k in chosen:
                 self._pending_path(server, "up", k).unlink(missing_ok=True)
