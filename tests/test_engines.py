@@ -313,13 +313,20 @@ def tiny_config(run_dir: Path, *overrides: str):
     return load_config(REPO / "configs" / "tiny-test.toml", [f'run_dir="{run_dir}"', "rounds=2", *overrides])
 
 
+# FedCoLLM needs one SLM architecture: every client takes client 0's model.
+SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
+                 (("name", '"tiny-qwen2"'), ("vocab_size", "360")))
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("engine, host", [("inline", "standalone"), ("simulation", "cot"), ("deployment", "cot")])
+@pytest.mark.parametrize("engine, host", [("inline", "standalone"), ("simulation", "cot"), ("deployment", "cot"),
+                                          ("simulation", "fedmkt"), ("deployment", "fedcollm")])
 def test_tiny_run(engine, host, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Deployment starts a process per message: one round keeps the test short.
     rounds = 1 if engine == "deployment" else 2
-    cfg = tiny_config(tmp_path / "run", f'host.name="{host}"', f"rounds={rounds}")
+    extra = SAME_SLM if host == "fedcollm" else ()
+    cfg = tiny_config(tmp_path / "run", f'host.name="{host}"', f"rounds={rounds}", *extra)
     run_engine(cfg, engine, tmp_path / "run" / "run.log")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     participants = ["llm"] + [f"client-{k}" for k in range(len(cfg.clients))]
