@@ -166,6 +166,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
     axes[0].set_title("mean SLM test accuracy")
     axes[1].set_title("LLM test accuracy")
     for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
