@@ -60,8 +60,8 @@ class ModelConfig:
             raise ConfigError(f"{where}.dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if self.is_tiny and self.hidden_size % self.num_heads:
             raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _positive(self, where, "hidden_size", "num_layers", "num_heads", "vocab_size", "warmup_batch_size")
-        _non_negative(self, where, "lora_r", "warmup_steps")
+        check_positive(self, where, "hidden_size", "num_layers", "num_heads", "vocab_size", "warmup_batch_size")
+        check_non_negative(self, where, "lora_r", "warmup_steps")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class DataConfig:
             raise ConfigError(f"{where}.partition: must be one of {PARTITIONS}, got {self.partition!r}")
         if self.source == "jsonl" and not self.path:
             raise ConfigError(f"{where}.path: required when source = 'jsonl'")
-        _positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size", "server_test_size")
+        check_positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size", "server_test_size")
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"{where}.dirichlet_alpha: must be > 0")
 
@@ -110,8 +110,8 @@ class TrainConfig:
     grad_clip: float = 1.0
 
     def validate(self, where: str) -> None:
-        _positive(self, where, "lr", "batch_size", "max_length")
-        _non_negative(self, where, "local_steps", "server_steps")
+        check_positive(self, where, "lr", "batch_size", "max_length")
+        check_non_negative(self, where, "local_steps", "server_steps")
 
 
 @dataclass
@@ -126,7 +126,7 @@ class GenerationConfig:
     eval_batch_size: int = 128
 
     def validate(self, where: str) -> None:
-        _positive(self, where, "paths_per_question", "max_new_tokens", "batch_size", "eval_batch_size")
+        check_positive(self, where, "paths_per_question", "max_new_tokens", "batch_size", "eval_batch_size")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{where}.top_p: must be in (0, 1]")
         if self.temperature < 0:
@@ -174,7 +174,7 @@ class RunConfig:
         return self.plugin.get("name", "none")
 
     def validate(self, where: str = "config") -> None:
-        _positive(self, where, "rounds")
+        check_positive(self, where, "rounds")
         if self.rounds < 0:
             raise ConfigError(f"{where}.rounds: must be >= 0")
         for name, sub in (("data", self.data), ("server", self.server), ("train", self.train),
@@ -216,16 +216,32 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-def _positive(obj: Any, where: str, *names: str) -> None:
+# Range checks shared by every options dataclass (run config, hosts, plug-ins), so
+# all of them word their errors the same way: "<where>.<field>: must be ..., got ...".
+
+def check_positive(obj: Any, where: str, *names: str) -> None:
     for n in names:
         if getattr(obj, n) <= 0:
             raise ConfigError(f"{where}.{n}: must be > 0, got {getattr(obj, n)!r}")
 
 
-def _non_negative(obj: Any, where: str, *names: str) -> None:
+def check_non_negative(obj: Any, where: str, *names: str) -> None:
     for n in names:
         if getattr(obj, n) < 0:
             raise ConfigError(f"{where}.{n}: must be >= 0, got {getattr(obj, n)!r}")
+
+
+def check_range(obj: Any, where: str, name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``)."""
+    v = getattr(obj, name)
+    if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
+        raise ConfigError(f"{where}.{name}: must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+
+def check_choice(obj: Any, where: str, name: str, choices: tuple) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(f"{where}.{name}: must be one of {choices}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lada.config import ConfigError
+from lada.config import ConfigError, check_choice, check_non_negative, check_positive
 from lada.hosts.common import private_pairs
 from lada.hosts.fedmkt import DistillSample, compute_topk, distill, encode_examples, own_targets, public_items, \
     transfer_targets
@@ -157,18 +157,9 @@ class FedCoLLMConfig:
     adapter_dtype: str = "float32"  # dtype of adapters on the wire
 
     def validate(self, where: str) -> None:
-        if self.lora_r < 1:
-            raise ConfigError(f"{where}.lora_r: must be >= 1, got {self.lora_r}")
-        if self.top_k < 1:
-            raise ConfigError(f"{where}.top_k: must be >= 1, got {self.top_k}")
-        if self.distill_lambda < 0:
-            raise ConfigError(f"{where}.distill_lambda: must be >= 0, got {self.distill_lambda}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
-        if self.distill_steps < 0:
-            raise ConfigError(f"{where}.distill_steps: must be >= 0, got {self.distill_steps}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ConfigError(f"{where}.adapter_dtype: must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        check_positive(self, where, "lora_r", "top_k", "temperature")
+        check_non_negative(self, where, "distill_lambda", "distill_steps")
+        check_choice(self, where, "adapter_dtype", ADAPTER_DTYPES)
 
 
 def needs_shared_base(cfg) -> bool:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from lada.config import ConfigError
+from lada.config import check_choice, check_non_negative, check_positive, check_range
 from lada.data.records import Example, example_prompt, example_target
 from lada.hosts.common import private_pairs
 from lada.hosts.token_alignment import Vocab, align_spans, build_token_mapping, map_topk, token_starts, vocab_of
@@ -325,18 +325,11 @@ class FedMKTConfig:
     local_train: bool = True  # clients fine-tune on private data before the transfer
 
     def validate(self, where: str) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"{where}.top_k: must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"{where}.alpha: must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{where}.temperature: must be > 0, got {self.temperature}")
-        if self.distill_steps < 0:
-            raise ConfigError(f"{where}.distill_steps: must be >= 0, got {self.distill_steps}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"{where}.selection: must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.metric not in METRICS:
-            raise ConfigError(f"{where}.metric: must be one of {METRICS}, got {self.metric!r}")
+        check_positive(self, where, "top_k", "temperature")
+        check_non_negative(self, where, "distill_steps")
+        check_range(self, where, "alpha", 0.0, 1.0)
+        check_choice(self, where, "selection", SELECTIONS)
+        check_choice(self, where, "metric", METRICS)
 
 
 def _ce(tk: TopK, metric: str) -> np.ndarray:

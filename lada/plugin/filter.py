@@ -55,23 +55,14 @@ class FilterConfig:
     batch_size: int = 64  # minibatch of the filter nets' training
 
     def validate(self, where: str = "filter") -> None:
-        from lada.config import ConfigError
+        from lada.config import check_choice, check_non_negative, check_positive, check_range
 
-        if self.kind not in FILTER_KINDS:
-            raise ConfigError(f"{where}.kind: must be one of {FILTER_KINDS}, got {self.kind!r}")
-        if not 0 < self.budget_fraction <= 1:
-            raise ConfigError(f"{where}.budget_fraction: must be in (0, 1], got {self.budget_fraction}")
-        if not 0 <= self.threshold <= 1:
-            raise ConfigError(f"{where}.threshold: must be in [0, 1], got {self.threshold}")
-        if self.alpha < 0:
-            raise ConfigError(f"{where}.alpha: must be >= 0, got {self.alpha}")
-        for name in ("epochs", "hidden", "history_size", "num_clusters", "block_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
-        if self.max_budget < 0:
-            raise ConfigError(f"{where}.max_budget: must be >= 0, got {self.max_budget}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        check_choice(self, where, "kind", FILTER_KINDS)
+        check_range(self, where, "budget_fraction", 0.0, 1.0, lo_open=True)
+        check_range(self, where, "threshold", 0.0, 1.0)
+        check_non_negative(self, where, "alpha", "max_budget")
+        check_positive(self, where, "epochs", "hidden", "history_size", "num_clusters", "block_size", "batch_size",
+                       "lr")
 
     def budget_for(self, n_candidates: int) -> int:
         """How many of ``n_candidates`` a round may keep."""

@@ -68,7 +68,7 @@ class LadaConfig:
     score_batch_size: int = 16  # sequences per forward pass when computing contexts
 
     def validate(self, where: str = "[plugin]") -> None:
-        from lada.config import ConfigError
+        from lada.config import ConfigError, check_non_negative, check_positive
 
         if self.distill not in ("sft", "contrastive"):
             raise ConfigError(f"{where}.distill: must be 'sft' or 'contrastive', got {self.distill!r}")
@@ -79,20 +79,8 @@ class LadaConfig:
                 "available as lada.plugin.losses.distillm2_loss. Use 'dpo'.")
         if self.variant != "dpo":
             raise ConfigError(f"{where}.variant: must be 'dpo', got {self.variant!r}")
-        if self.lambda_ < 0:
-            raise ConfigError(f"{where}.lambda_: must be >= 0, got {self.lambda_}")
-        if self.beta <= 0:
-            raise ConfigError(f"{where}.beta: must be > 0, got {self.beta}")
-        for name in ("pair_batch", "negative_paths", "score_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
-        if self.up_max_epochs <= 0:
-            raise ConfigError(f"{where}.up_max_epochs: must be > 0, got {self.up_max_epochs}")
-        if self.up_replay < 0:
-            raise ConfigError(f"{where}.up_replay: must be >= 0, got {self.up_replay}")
-        for name in ("up_questions", "server_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        check_non_negative(self, where, "lambda_", "up_replay", "up_questions", "server_steps")
+        check_positive(self, where, "beta", "pair_batch", "negative_paths", "score_batch_size", "up_max_epochs")
         self.filter.validate(f"{where}.filter")
 
 
