@@ -19,8 +19,8 @@ from lada.models.loading import build_model  # noqa: E402
 from lada.models.scoring import mean_nll  # noqa: E402
 from lada.models.training import train_steps  # noqa: E402
 from lada.plugin.filter import FilterConfig  # noqa: E402
-from lada.plugin.lada import (UP_PHASE, LadaConfig, LadaPlugin, _pick_negative, build_contexts,  # noqa: E402
-                              receiver_features)
+from lada.plugin.lada import (UP_PHASE, LadaConfig, LadaPlugin, _domain_shares, _pick_negative,  # noqa: E402
+                              build_contexts, receiver_features)
 from helpers import arithmetic_examples  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -136,6 +136,16 @@ def test_extra_loss_is_lambda_log2_at_round_start_and_differentiable(lm, tmp_pat
     own = plugin.own_paths("down", 1, node, lm, ["q0"])
     assert len(own["q0"]) == 2
     assert LadaPlugin(run_cfg(), LadaConfig(distill="sft")).extra_loss("down", 1, chosen, node, lm, 0) is None
+
+
+def test_domain_shares_of_a_selection(tmp_path):
+    node = FakeNode(tmp_path)
+    assert _domain_shares(node, items_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
+    node.public = [Example(f"d{i}", "q", "r", "1", "number", domain=("shop" if i < 3 else "general"))
+                   for i in range(4)]
+    chosen = [{"example_id": "d0"}, {"example_id": "d1"}, {"example_id": "d3"}]
+    assert _domain_shares(node, chosen) == pytest.approx({"general": 1 / 3, "shop": 2 / 3})
+    assert _domain_shares(node, []) == {}
 
 
 def test_pick_negative_takes_only_wrong_paths():

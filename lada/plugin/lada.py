@@ -238,6 +238,9 @@ class LadaPlugin(Plugin):
             node.log_metric(prefix + "selected_steps", float(ctx[idx, -2].mean()))
             node.log_metric(prefix + "selected_nll", float(nll[idx].mean()))
         node.log_metric(prefix + "candidates_nll", float(nll.mean()))
+        for what, group in (("candidates", cands), ("selected", chosen)):
+            for name, share in _domain_shares(node, group).items():
+                node.log_metric(f"{prefix}{what}_share_{name}", share)
         _add_seconds(node, prefix + "filter_seconds", time.perf_counter() - t0)
         return chosen
 
@@ -438,6 +441,18 @@ def _replay_pairs(examples: list, n: int, seed: int) -> list[tuple[str, str]]:
 
     idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     return [(example_prompt(examples[i]), example_target(examples[i])) for i in idx]
+
+
+def _domain_shares(node: Any, chosen: list[dict]) -> dict[str, float]:
+    """Share of the selection per domain of the public questions (empty when the public
+    set has one domain): shows whether a filter keeps to or strays from what the
+    receiver is tested on."""
+    domains = {ex.id: ex.domain for ex in getattr(node, "public", [])}
+    names = sorted(set(domains.values()))
+    if len(names) < 2 or not chosen:
+        return {}
+    picked = [domains.get(it["example_id"]) for it in chosen]
+    return {d: picked.count(d) / len(picked) for d in names}
 
 
 def _check_direction(direction: str) -> None:
