@@ -2,8 +2,8 @@
 write a Markdown table of final accuracies (mean +- std over seeds) and a plot of
 accuracy per round per method.
 
-A method is a name and a function that edits the base config (host, plug-in,
-ablation switches). Finished runs (their DONE marker) are reused, so an interrupted
+A method is a name that says which host, plug-in and ablations to run (see
+``apply_method``). Finished runs (their DONE marker) are reused, so an interrupted
 grid resumes where it stopped.
 """
 
@@ -23,42 +23,74 @@ from lada.experiments.report import read_metrics
 log = logging.getLogger("lada.grid")
 
 
-def _host(name: str, plugin: dict | None = None) -> Callable[[RunConfig], None]:
-    def edit(cfg: RunConfig) -> None:
-        cfg.host = {"name": name}
-        cfg.plugin = copy.deepcopy(plugin) if plugin else {"name": "none"}
-        if name == "fedcollm":  # FedCoLLM needs one SLM architecture: client 0's, everywhere
-            cfg.clients = [copy.deepcopy(cfg.clients[0]) for _ in cfg.clients]
-
-    return edit
-
-
-LADA = {"name": "lada"}
-METHODS: dict[str, Callable[[RunConfig], None]] = {
-    "standalone": _host("standalone"),
-    "cot": _host("cot"),
-    "cot+lada": _host("cot", LADA),
-    "fedmkt": _host("fedmkt"),
-    "fedmkt+lada": _host("fedmkt", LADA),
-    "fedcollm": _host("fedcollm"),
-    "fedcollm+lada": _host("fedcollm", LADA),
-    # ablations, on the one-way CoT host
-    "cot+lada-no-filter": _host("cot", {"name": "lada", "filter": {"kind": "none"}}),
-    "cot+lada-random-filter": _host("cot", {"name": "lada", "filter": {"kind": "random"}}),
-    "cot+lada-no-contrastive": _host("cot", {"name": "lada", "distill": "sft"}),
+# A method's name says what it runs: ``<host>[+lada[-<ablation>...]]``, e.g. ``cot``,
+# ``fedmkt+lada``, ``fedmkt+lada-no-contrastive``. Each ablation edits the plug-in's options.
+ABLATIONS: dict[str, Callable[[dict], None]] = {
+    "no-filter": lambda p: p.setdefault("filter", {}).update(kind="none"),
+    "random-filter": lambda p: p.setdefault("filter", {}).update(kind="random"),
+    "loss-filter": lambda p: p.setdefault("filter", {}).update(kind="loss"),
+    "no-contrastive": lambda p: p.update(distill="sft"),
 }
+# `--methods all`: standalone, every host with and without LaDa, and the ablations on cot.
+ALL_METHODS = ("standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",
+               "cot+lada-no-filter", "cot+lada-random-filter", "cot+lada-no-contrastive")
+
+
+def apply_method(cfg: RunConfig, method: str) -> None:
+    """Edit ``cfg`` (host, plug-in, ablation switches) to run ``method``; ValueError
+    naming the bad part otherwise."""
+    from lada.hosts import HOSTS
+
+    host, _, rest = method.partition("+")
+    if host not in HOSTS:
+        raise ValueError(f"method {method!r}: unknown host {host!r}; hosts: {sorted(HOSTS)}")
+    plugin: dict = {"name": "none"}
+    if rest:
+        name, *ablations = rest.split("-", 1)
+        if name != "lada":
+            raise ValueError(f"method {method!r}: unknown plug-in {name!r}; plug-ins: ['lada']")
+        plugin = {"name": "lada"}
+        for ablation in _split_ablations(method, ablations[0] if ablations else ""):
+            ABLATIONS[ablation](plugin)
+        if host == "standalone":
+            raise ValueError(f"method {method!r}: standalone has no collaboration for a plug-in to act on")
+    cfg.host = {"name": host}
+    cfg.plugin = plugin
+    if host == "fedcollm":  # FedCoLLM needs one SLM architecture: client 0's, everywhere
+        cfg.clients = [copy.deepcopy(cfg.clients[0]) for _ in cfg.clients]
+
+
+def _split_ablations(method: str, text: str) -> list[str]:
+    """"no-filter-no-contrastive" -> ["no-filter", "no-contrastive"] (names contain dashes)."""
+    out: list[str] = []
+    while text:
+        match = next((a for a in ABLATIONS if text == a or text.startswith(a + "-")), None)
+        if match is None:
+            raise ValueError(f"method {method!r}: unknown ablation {text!r}; ablations: {sorted(ABLATIONS)}")
+        out.append(match)
+        text = text[len(match) + 1:]
+    return out
 
 
 def method_config(base: Path, method: str, seed: int, out_dir: Path, overrides: list[str]) -> RunConfig:
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     cfg = load_config(base, overrides)
-    METHODS[method](cfg)
+    apply_method(cfg, method)
     cfg.seed = seed
     cfg.name = f"{method}-seed{seed}"
     cfg.run_dir = str((out_dir / method / f"seed{seed}").absolute())
     cfg.validate(f"{base} (method {method})")
     return cfg
+
+
+def parse_methods(spec: str) -> list[str]:
+    """``all`` or a comma-separated list; every name checked before anything runs."""
+    names = list(ALL_METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise ValueError("--methods: no method given")
+    probe = RunConfig()
+    for name in names:
+        apply_method(probe, name)
+    return names
 
 
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
@@ -178,10 +210,10 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str]) -> int:
-    names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    try:
+        names = parse_methods(methods)
+    except ValueError as e:
+        raise SystemExit(f"lada grid: {e}") from None
     t0 = time.perf_counter()
     run_grid(Path(base), names, seeds, Path(out), engine, overrides)
     print(Path(out, "results.md").read_text())

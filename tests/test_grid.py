@@ -1,0 +1,70 @@
+"""Method grids without training: method names -> configs, and the table/plot written
+from metric rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lada.config import RunConfig
+from lada.experiments.grid import ALL_METHODS, apply_method, method_config, parse_methods, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method,host,plugin", [
+    ("standalone", "standalone", {"name": "none"}),
+    ("fedmkt+lada", "fedmkt", {"name": "lada"}),
+    ("cot+lada-no-filter", "cot", {"name": "lada", "filter": {"kind": "none"}}),
+    ("fedmkt+lada-loss-filter-no-contrastive", "fedmkt", {"name": "lada", "filter": {"kind": "loss"},
+                                                          "distill": "sft"}),
+])
+def test_method_names_set_host_and_plugin(method, host, plugin):
+    cfg = RunConfig()
+    apply_method(cfg, method)
+    assert cfg.host == {"name": host} and cfg.plugin == plugin
+
+
+def test_fedcollm_methods_give_every_client_client_0s_model():
+    cfg = method_config(ROOT / "configs/default.toml", "fedcollm+lada", 3, Path("out"), [])
+    assert len({c.name for c in cfg.clients}) == 1 and cfg.clients[0].name == "tiny-qwen2"
+    assert cfg.seed == 3 and cfg.run_dir.endswith("out/fedcollm+lada/seed3")
+
+
+@pytest.mark.parametrize("spec,msg", [("fedavg", "unknown host 'fedavg'"), ("cot+peft", "unknown plug-in 'peft'"),
+                                      ("cot+lada-no-filtr", "unknown ablation 'no-filtr'"),
+                                      ("standalone+lada", "no collaboration"), (" , ", "no method")])
+def test_bad_method_names_are_refused_before_running(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_methods(spec)
+
+
+def test_all_is_the_documented_list():
+    assert parse_methods("all") == list(ALL_METHODS)
+    assert parse_methods("cot, fedmkt+lada") == ["cot", "fedmkt+lada"]
+
+
+def rows(seed_shift: float, filter_s: float = 0.0) -> list[dict]:
+    out = []
+    for rnd in range(3):
+        out.append({"round": rnd, "participant": "llm", "accuracy": 0.2 + seed_shift, "bytes_up": 1e6,
+                    "bytes_down": 2e6, "seconds": 10.0 * (rnd > 0),
+                    **({"lada_up0_filter_seconds": filter_s} if rnd else {})})
+        for k, acc in enumerate((0.5, 0.3)):
+            out.append({"round": rnd, "participant": f"client-{k}", "accuracy": acc + seed_shift + 0.1 * rnd,
+                        "bytes_up": 0, "bytes_down": 0, "seconds": 0.0})
+    return out
+
+
+def test_report_gives_mean_and_std_over_seeds(tmp_path):
+    results = {"cot": {0: rows(0.0), 1: rows(0.1)}, "cot+lada": {0: rows(0.0, filter_s=2.0)}}
+    table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1]).read_text()
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| cot")}
+    # final round: client-0 0.7 and 0.8 -> 75.0 +- 7.1; SLM mean (0.6, 0.7) -> 65.0 +- 7.1
+    assert "| 75.0 ± 7.1 | 55.0 ± 7.1 | 65.0 ± 7.1 | 25.0 ± 7.1 | 3.00 | 10 | - |" in lines["cot"]
+    assert lines["cot+lada"].endswith("| 2.0 (20%) |")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cot"]["slm_mean"] == pytest.approx([0.6, 0.7])
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
