@@ -69,7 +69,7 @@ def encode_examples(lm: "LoadedModel", vocab: Vocab, examples: list[Example], ma
 
     targets = [example_target(ex) for ex in examples]
     enc = encode_pairs(lm.tokenizer, [(example_prompt(ex), t) for ex, t in zip(examples, targets)], max_length)
-    target_ids = lm.tokenizer(targets, add_special_tokens=False)["input_ids"]
+    target_ids = lm.tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for ex, text, e, tids in zip(examples, targets, enc, target_ids):
         gold = np.array([x for x in e["labels"] if x != IGNORE], dtype=np.int64)

@@ -43,8 +43,10 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]
         raise ValueError(f"encode_pairs: max_length must be >= 2, got {max_length}")
     if not pairs:
         return []
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    # Full-length encodings on purpose (cut below, keeping the target): no "longer than
+    # model_max_length" warning.
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True, verbose=False)["input_ids"]
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for p, t in zip(prompts, targets):
         t = (t + [tokenizer.eos_token_id])[: max_length - 1]
