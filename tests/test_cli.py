@@ -28,6 +28,9 @@ def test_run_writes_a_complete_run_directory(tiny_run):
     for who in ("server", "client-0", "client-1", "client-2"):  # every participant's checkpoint
         assert (tiny_run / "nodes" / who / "model" / "lada_model.json").exists(), who
     assert "| round | llm | client-0 |" in (tiny_run / "summary.md").read_text()
+    llm = [r for r in rows if r["participant"] == "llm"]  # one-way CoT never trains the LLM:
+    assert [r["eval_cached"] for r in llm] == [0.0, 1.0]  # round 1 reuses round 0's answers
+    assert llm[0]["accuracy"] == llm[1]["accuracy"]
 
 
 def test_existing_run_dir_is_not_overwritten_silently(tiny_run, capsys):

@@ -55,3 +55,31 @@ def test_handle_message_returns_errors_instead_of_raising(tmp_path):
     reply = handle_message("distill", 1, {}, {"partition-id": 0}, {"run-dir": str(tmp_path)})
     assert "must send 'setup' first" in reply["error"]
     assert handle_message("hello", 0, {}, {"partition-id": 2}, {})["partition_id"] == 2
+
+
+def test_llm_evaluation_is_reused_only_while_the_weights_are_unchanged(monkeypatch):
+    import types
+
+    import torch
+
+    from lada.models import generation
+    from lada.protocol import driver
+
+    calls = []
+
+    def fake_evaluate(lm, examples, gen_cfg):
+        calls.append(1)
+        return types.SimpleNamespace(correct=[True, False, len(calls) > 1])
+
+    monkeypatch.setattr(generation, "evaluate", fake_evaluate)
+    net = torch.nn.Linear(2, 1)
+    server = types.SimpleNamespace(state={"model_version": 0}, test_set=[1, 2, 3],
+                                   model=lambda: types.SimpleNamespace(model=net))
+    cfg = types.SimpleNamespace(generation=None)
+    assert driver._llm_correct(cfg, server) == ([True, False, False], False)
+    assert driver._llm_correct(cfg, server) == ([True, False, False], True)  # same weights: reused
+    with torch.no_grad():
+        net.weight.add_(0.5)  # changed in place, no new version
+    assert driver._llm_correct(cfg, server) == ([True, False, True], False)
+    server.state["model_version"] = 1  # a save
+    assert driver._llm_correct(cfg, server)[1] is False and len(calls) == 3

@@ -87,16 +87,15 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
 
 def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic, round_seconds: float,
               progress: Callable[[str], None]) -> list[dict]:
-    from lada.models.generation import evaluate
-
     progress(f"round {rnd}/{cfg.rounds}: evaluate")
     replies = _exchange(transport, EVALUATE, rnd, {k: {} for k in transport.client_ids()}, None)
     t0 = time.perf_counter()
-    res = evaluate(server.model(), server.test_set, cfg.generation)
-    llm_row = {"round": rnd, "participant": "llm", "accuracy": res.accuracy, "n_test": res.n,
-               "bytes_up": sum(traffic.up.values()), "bytes_down": sum(traffic.down.values()),
-               "seconds": round_seconds, "eval_seconds": time.perf_counter() - t0}
-    llm_row.update(_accuracy_by_domain(server.test_set, res.correct))
+    correct, cached = _llm_correct(cfg, server)
+    llm_row = {"round": rnd, "participant": "llm", "accuracy": sum(correct) / max(1, len(correct)),
+               "n_test": len(correct), "bytes_up": sum(traffic.up.values()),
+               "bytes_down": sum(traffic.down.values()), "seconds": round_seconds,
+               "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached)}
+    llm_row.update(_accuracy_by_domain(server.test_set, correct))
     llm_row.update(server.pop_metrics())
     server.save_state()
     rows = [llm_row]
@@ -108,6 +107,28 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
         row.update({key[2:]: v for key, v in r.items() if key.startswith("m_")})
         rows.append(row)
     return rows
+
+
+def _llm_correct(cfg, server) -> tuple[list[bool], bool]:
+    """Per-example correctness of the LLM's greedy answers on its test set, and whether
+    it was reused. Greedy decoding is deterministic, so while the weights are those of
+    the last evaluation (hosts that never train the LLM: standalone, one-way CoT) the
+    answers are reused instead of generated again. The key is the model version plus a
+    checksum of the weights, which also catches a model changed in place without a save."""
+    import torch
+
+    from lada.models.generation import evaluate
+
+    lm = server.model()
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum() for p in lm.model.parameters()))
+    key = [int(server.state.get("model_version", 0)), checksum, len(server.test_set)]
+    last = server.state.get("llm_eval")
+    if last and last.get("key") == key:
+        return [bool(x) for x in last["correct"]], True
+    res = evaluate(lm, server.test_set, cfg.generation)
+    server.state["llm_eval"] = {"key": key, "correct": [bool(x) for x in res.correct]}
+    return list(res.correct), False
 
 
 def _accuracy_by_domain(examples, correct: list[bool]) -> dict[str, float]:
