@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("standalone", "standalone", {"name": "none"}),
     ("fedmkt+lada", "fedmkt", {"name": "lada"}),
     ("cot+lada-no-filter", "cot", {"name": "lada", "filter": {"kind": "none"}}),
+    ("fedmkt+lada-relative-reward", "fedmkt", {"name": "lada", "reward": "relative"}),
     ("fedmkt+lada-loss-filter-no-contrastive", "fedmkt", {"name": "lada", "filter": {"kind": "loss"},
                                                           "distill": "sft"}),
 ])

@@ -20,7 +20,7 @@ from lada.models.scoring import mean_nll  # noqa: E402
 from lada.models.training import train_steps  # noqa: E402
 from lada.plugin.filter import FilterConfig  # noqa: E402
 from lada.plugin.lada import (UP_PHASE, LadaConfig, LadaPlugin, _domain_shares, _pick_negative,  # noqa: E402
-                              build_contexts, receiver_features)
+                              build_contexts, learning_reward, receiver_features)
 from helpers import arithmetic_examples  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -93,9 +93,10 @@ def test_receiver_features_match_scoring(lm):
     assert ctx[:, -2].tolist() == [1.0, 2.0, 1.0, 2.0, 1.0]  # reasoning steps
 
 
-def test_select_reward_loop_updates_filter_state(lm, tmp_path):
+@pytest.mark.parametrize("reward", ["gain", "relative"])
+def test_select_reward_loop_updates_filter_state(lm, tmp_path, reward):
     plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(kind="lada", budget_fraction=0.5, num_clusters=3,
-                                                                  epochs=2)))
+                                                                  epochs=2), reward=reward))
     node = FakeNode(tmp_path)
     items = items_for(EXAMPLES) + items_for(EXAMPLES[:2], correct=False)
     for rnd in (1, 2):
@@ -111,8 +112,8 @@ def test_select_reward_loop_updates_filter_state(lm, tmp_path):
         after = mean_nll(lm, [it["prompt"] for it in chosen], [it["text"] for it in chosen])
         plugin.after_update("down", rnd, chosen, node, lm, 0)
         assert not (tmp_path / "lada-pending-down-0.pt").exists()
-        gain = (torch.exp(-after) - torch.exp(-before)).mean().item()
-        assert node.metrics["lada_down_reward"] == pytest.approx(gain, abs=1e-4)
+        expected = learning_reward(before, after, reward).mean().item()
+        assert node.metrics["lada_down_reward"] == pytest.approx(expected, abs=1e-4)
     state = torch.load(tmp_path / "filter-down-0.pt", weights_only=True)
     assert state["num_updates"] == 2 and len(state["hist_r"]) >= 6
 
@@ -136,6 +137,21 @@ def test_extra_loss_is_lambda_log2_at_round_start_and_differentiable(lm, tmp_pat
     own = plugin.own_paths("down", 1, node, lm, ["q0"])
     assert len(own["q0"]) == 2
     assert LadaPlugin(run_cfg(), LadaConfig(distill="sft")).extra_loss("down", 1, chosen, node, lm, 0) is None
+
+
+def test_rewards_gain_and_share_of_headroom():
+    p_before = torch.tensor([0.2, 0.8, 0.5])
+    p_after = torch.tensor([0.5, 0.9, 0.4])
+    nb, na = -torch.log(p_before), -torch.log(p_after)
+    gain = learning_reward(nb, na, "gain")
+    rel = learning_reward(nb, na, "relative")
+    assert torch.allclose(gain, torch.tensor([0.3, 0.1, -0.1]), atol=1e-6)
+    # the far-away path gains most, but closes less of its gap than the near one
+    assert torch.allclose(rel, torch.tensor([0.3 / 0.8, 0.5, -0.2]), atol=1e-6)
+    assert gain.argmax() == 0 and rel.argmax() == 1
+    assert torch.isfinite(learning_reward(torch.zeros(1), torch.zeros(1), "relative")).all()  # p_before = 1
+    with pytest.raises(ValueError, match="kind"):
+        learning_reward(nb, na, "best")
 
 
 def test_domain_shares_of_a_selection(tmp_path):
@@ -191,5 +207,8 @@ def test_config_table_and_validation():
         options_for(LadaPlugin, {"name": "lada", "filter": {"kind": "best"}}, "[plugin]")
     with pytest.raises(ConfigError, match="unknown key"):
         options_for(LadaPlugin, {"name": "lada", "lambda": 1.0}, "[plugin]")
+    with pytest.raises(ConfigError, match=r"\[plugin\]\.reward: must be one of"):
+        options_for(LadaPlugin, {"name": "lada", "reward": "loss"}, "[plugin]")
+    assert options_for(LadaPlugin, {"name": "lada", "reward": "relative"}, "[plugin]").reward == "relative"
     with pytest.raises(ValueError, match="direction"):
         LadaPlugin(run_cfg(), LadaConfig()).select("sideways", 1, [], None, None, 0)

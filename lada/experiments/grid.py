@@ -30,6 +30,7 @@ ABLATIONS: dict[str, Callable[[dict], None]] = {
     "random-filter": lambda p: p.setdefault("filter", {}).update(kind="random"),
     "loss-filter": lambda p: p.setdefault("filter", {}).update(kind="loss"),
     "no-contrastive": lambda p: p.update(distill="sft"),
+    "relative-reward": lambda p: p.update(reward="relative"),
 }
 # `--methods all`: standalone, every host with and without LaDa, and the ablations on cot.
 ALL_METHODS = ("standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",

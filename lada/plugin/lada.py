@@ -10,8 +10,9 @@ A host calls three hooks around each transfer it trains on (see
     extra_loss   lambda * contrastive loss of (selected sender path y+, the receiver's
                  own path y- for the same question) against the receiver frozen at
                  round start
-    after_update reward = exp(-nll_after) - exp(-nll_before) per selected path; the
-                 filter learns from it
+    after_update reward = exp(-nll_after) - exp(-nll_before) per selected path (or
+                 its share of the headroom, ``reward = "relative"``); the filter
+                 learns from it
 
 Direction "down" (LLM -> SLM) runs on a client, "up" (SLM -> LLM) on the server. On
 hosts that move nothing upward themselves (``transfers_up = False``, e.g. one-way CoT)
@@ -45,6 +46,26 @@ from lada.protocol.payload import Payload
 CONTEXT_SCALARS = ("receiver_nll_per_token", "sender_logprob_per_token", "steps", "tokens")
 DIRECTIONS = ("down", "up")
 UP_PHASE = Phase("lada_up", "train")
+REWARDS = ("gain", "relative")
+
+
+def learning_reward(nll_before: Tensor, nll_after: Tensor, kind: str = "gain") -> Tensor:
+    """Per-sample reward from the receiver's per-token NLL of a path before and after
+    the round's update, in geometric-mean token probability p = exp(-nll):
+
+    gain      p_after - p_before. Bounded by the headroom 1 - p_before, so it favours
+              paths the receiver finds hardest; where the public set mixes domains that
+              means the domains the receiver is *not* tested on (docs/lada.md).
+    relative  (p_after - p_before) / (1 - p_before): the share of the remaining gap the
+              update closed. Headroom-neutral: a path counts as learnable when the
+              receiver absorbs it, not when it was far away.
+    """
+    p0, p1 = torch.exp(-nll_before), torch.exp(-nll_after)
+    if kind == "gain":
+        return p1 - p0
+    if kind == "relative":
+        return (p1 - p0) / (1 - p0).clamp_min(1e-3)
+    raise ValueError(f"learning_reward: kind must be one of {REWARDS}, got {kind!r}")
 
 
 @dataclass
@@ -66,6 +87,7 @@ class LadaConfig:
     up_replay: float = 1.0  # server's own training examples mixed in per transferred path (against forgetting)
     up_max_epochs: float = 2.0  # cap the upward steps at this many passes over its (small) training mix
     score_batch_size: int = 16  # sequences per forward pass when computing contexts
+    reward: str = "gain"  # the filter's feedback: gain | relative (gain / headroom); see learning_reward
 
     def validate(self, where: str = "[plugin]") -> None:
         from lada.config import ConfigError, check_non_negative, check_positive
@@ -77,6 +99,8 @@ class LadaConfig:
                 f"{where}.variant: 'distillm2' needs the sender's per-token distributions over a shared "
                 "vocabulary, which no host transfers (only text and scalars cross the wire); the loss is "
                 "available as lada.plugin.losses.distillm2_loss. Use 'dpo'.")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"{where}.reward: must be one of {REWARDS}, got {self.reward!r}")
         if self.variant != "dpo":
             raise ConfigError(f"{where}.variant: must be 'dpo', got {self.variant!r}")
         check_non_negative(self, where, "lambda_", "up_replay", "up_questions", "server_steps")
@@ -302,7 +326,7 @@ class LadaPlugin(Plugin):
             return
         _, nll_after, _ = receiver_features(lm, pending["prompts"], pending["texts"], self.opts.score_batch_size,
                                             self._max_length(), hidden=False)
-        rewards = torch.exp(-nll_after) - torch.exp(-pending["nll_before"])
+        rewards = learning_reward(pending["nll_before"], nll_after, self.opts.reward)
         filt = self._load_filter(node, direction, pair)
         filt.update(pending["contexts"], rewards)
         self._save_filter(node, direction, pair, filt)
