@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grid", help="run methods x seeds on one config; write a results table and plot")
     g.add_argument("config")
     g.add_argument("--methods", default="all",
-                   help="comma-separated <host>[+lada[-<ablation>]] names (e.g. fedmkt+lada-no-filter), or all")
+                   help="comma-separated <host>[+lada[-<ablation>]] names, e.g. fedmkt+lada-no-filter; "
+                        "'all' stands for the default set")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     g.add_argument("--out", default="results/grid")
     g.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None)

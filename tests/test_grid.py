@@ -45,6 +45,7 @@ def test_bad_method_names_are_refused_before_running(spec, msg):
 def test_all_is_the_documented_list():
     assert parse_methods("all") == list(ALL_METHODS)
     assert parse_methods("cot, fedmkt+lada") == ["cot", "fedmkt+lada"]
+    assert parse_methods("all,cot,fedmkt+lada-relative-reward") == [*ALL_METHODS, "fedmkt+lada-relative-reward"]
 
 
 def rows(seed_shift: float, filter_s: float = 0.0) -> list[dict]:

@@ -84,8 +84,14 @@ def method_config(base: Path, method: str, seed: int, out_dir: Path, overrides: 
 
 
 def parse_methods(spec: str) -> list[str]:
-    """``all`` or a comma-separated list; every name checked before anything runs."""
-    names = list(ALL_METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    """A comma-separated list in which ``all`` stands for ``ALL_METHODS`` (e.g.
+    ``all,fedmkt+lada-relative-reward``); duplicates dropped, every name checked before
+    anything runs."""
+    names: list[str] = []
+    for m in (m.strip() for m in spec.split(",")):
+        for name in (ALL_METHODS if m == "all" else [m] if m else []):
+            if name not in names:
+                names.append(name)
     if not names:
         raise ValueError("--methods: no method given")
     probe = RunConfig()
