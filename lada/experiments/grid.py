@@ -186,8 +186,9 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for method, by_seed in results.items():
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharex=True)
+    cmap = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")  # one colour per method
+    for i, (method, by_seed) in enumerate(results.items()):
         rounds = sorted({r["round"] for rows in by_seed.values() for r in rows})
         slm, llm = [], []
         for rnd in rounds:
@@ -200,8 +201,8 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
             slm.append(statistics.fmean(s_vals) if s_vals else float("nan"))
             llm.append(statistics.fmean(l_vals) if l_vals else float("nan"))
         style = "-" if "lada" in method else "--"
-        axes[0].plot(rounds, slm, style, marker="o", label=method)
-        axes[1].plot(rounds, llm, style, marker="o", label=method)
+        axes[0].plot(rounds, slm, style, marker="o", label=method, color=cmap(i % cmap.N))
+        axes[1].plot(rounds, llm, style, marker="o", label=method, color=cmap(i % cmap.N))
     axes[0].set_title("mean SLM test accuracy")
     axes[1].set_title("LLM test accuracy")
     for ax in axes:
@@ -209,7 +210,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: lines stay visible
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
