@@ -56,12 +56,12 @@ class ModelConfig:
         return self.name in TINY_FAMILIES
 
     def validate(self, where: str) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"{where}.dtype: must be one of {DTYPES}, got {self.dtype!r}")
-        if self.is_tiny and self.hidden_size % self.num_heads:
-            raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check_choice(self, where, "dtype", DTYPES)
+        # sizes first: num_heads = 0 must be a config error, not a ZeroDivisionError below
         check_positive(self, where, "hidden_size", "num_layers", "num_heads", "vocab_size", "warmup_batch_size")
         check_non_negative(self, where, "lora_r", "warmup_steps")
+        if self.is_tiny and self.hidden_size % self.num_heads:
+            raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
 
 @dataclass
@@ -86,15 +86,12 @@ class DataConfig:
     skip_bad_lines: bool = False  # report and skip malformed lines instead of stopping
 
     def validate(self, where: str) -> None:
-        if self.source not in DATA_SOURCES:
-            raise ConfigError(f"{where}.source: must be one of {DATA_SOURCES}, got {self.source!r}")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"{where}.partition: must be one of {PARTITIONS}, got {self.partition!r}")
+        check_choice(self, where, "source", DATA_SOURCES)
+        check_choice(self, where, "partition", PARTITIONS)
         if self.source == "jsonl" and not self.path:
             raise ConfigError(f"{where}.path: required when source = 'jsonl'")
-        check_positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size", "server_test_size")
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"{where}.dirichlet_alpha: must be > 0")
+        check_positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size",
+                       "server_test_size", "dirichlet_alpha")
 
 
 @dataclass
@@ -127,10 +124,8 @@ class GenerationConfig:
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "paths_per_question", "max_new_tokens", "batch_size", "eval_batch_size")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{where}.top_p: must be in (0, 1]")
-        if self.temperature < 0:
-            raise ConfigError(f"{where}.temperature: must be >= 0")
+        check_range(self, where, "top_p", 0, 1, lo_open=True)
+        check_non_negative(self, where, "temperature")
 
 
 @dataclass
@@ -144,8 +139,7 @@ class EngineConfig:
     reply_timeout_s: float = 3600.0
 
     def validate(self, where: str) -> None:
-        if self.kind not in ENGINES:
-            raise ConfigError(f"{where}.kind: must be one of {ENGINES}, got {self.kind!r}")
+        check_choice(self, where, "kind", ENGINES)
 
 
 @dataclass
@@ -175,8 +169,6 @@ class RunConfig:
 
     def validate(self, where: str = "config") -> None:
         check_positive(self, where, "rounds")
-        if self.rounds < 0:
-            raise ConfigError(f"{where}.rounds: must be >= 0")
         for name, sub in (("data", self.data), ("server", self.server), ("train", self.train),
                           ("generation", self.generation), ("engine", self.engine)):
             sub.validate(f"{where} [{name}]")

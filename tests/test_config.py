@@ -34,6 +34,9 @@ def test_minimal_config_validates_and_round_trips_through_toml():
         (_minimal(engine={"kind": "grpc"}), "[engine].kind: must be one of"),
         ({"data": {"num_clients": 1}, "clients": [{"name": "tiny-llama", "hidden_size": 10, "num_heads": 4}]},
          "not divisible by num_heads"),
+        ({"data": {"num_clients": 1}, "clients": [{"name": "tiny-llama", "num_heads": 0}]},
+         "[[clients]] #0.num_heads: must be > 0"),
+        (_minimal(generation={"top_p": 0.0}), "[generation].top_p: must be in (0, 1]"),
         (_minimal(data={"num_clients": 2, "source": "jsonl"}), "path: required when source = 'jsonl'"),
     ],
 )

@@ -154,14 +154,13 @@ def test_rewards_gain_and_share_of_headroom():
         learning_reward(nb, na, "best")
 
 
-def test_domain_shares_of_a_selection(tmp_path):
-    node = FakeNode(tmp_path)
-    assert _domain_shares(node, items_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
-    node.public = [Example(f"d{i}", "q", "r", "1", "number", domain=("shop" if i < 3 else "general"))
-                   for i in range(4)]
+def test_domain_shares_of_a_selection():
+    one = {ex.id: ex.domain for ex in EXAMPLES}
+    assert _domain_shares(one, items_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
+    mixed = {f"d{i}": ("shop" if i < 3 else "general") for i in range(4)}
     chosen = [{"example_id": "d0"}, {"example_id": "d1"}, {"example_id": "d3"}]
-    assert _domain_shares(node, chosen) == pytest.approx({"general": 1 / 3, "shop": 2 / 3})
-    assert _domain_shares(node, []) == {}
+    assert _domain_shares(mixed, chosen) == pytest.approx({"general": 1 / 3, "shop": 2 / 3})
+    assert _domain_shares(mixed, []) == {}
 
 
 def test_pick_negative_takes_only_wrong_paths():

@@ -90,7 +90,7 @@ class LadaConfig:
     reward: str = "gain"  # the filter's feedback: gain | relative (gain / headroom); see learning_reward
 
     def validate(self, where: str = "[plugin]") -> None:
-        from lada.config import ConfigError, check_non_negative, check_positive
+        from lada.config import ConfigError, check_choice, check_non_negative, check_positive
 
         if self.distill not in ("sft", "contrastive"):
             raise ConfigError(f"{where}.distill: must be 'sft' or 'contrastive', got {self.distill!r}")
@@ -99,8 +99,7 @@ class LadaConfig:
                 f"{where}.variant: 'distillm2' needs the sender's per-token distributions over a shared "
                 "vocabulary, which no host transfers (only text and scalars cross the wire); the loss is "
                 "available as lada.plugin.losses.distillm2_loss. Use 'dpo'.")
-        if self.reward not in REWARDS:
-            raise ConfigError(f"{where}.reward: must be one of {REWARDS}, got {self.reward!r}")
+        check_choice(self, where, "reward", REWARDS)
         if self.variant != "dpo":
             raise ConfigError(f"{where}.variant: must be 'dpo', got {self.variant!r}")
         check_non_negative(self, where, "lambda_", "up_replay", "up_questions", "server_steps")
@@ -262,8 +261,9 @@ class LadaPlugin(Plugin):
             node.log_metric(prefix + "selected_steps", float(ctx[idx, -2].mean()))
             node.log_metric(prefix + "selected_nll", float(nll[idx].mean()))
         node.log_metric(prefix + "candidates_nll", float(nll.mean()))
+        domains = {ex.id: ex.domain for ex in getattr(node, "public", [])}
         for what, group in (("candidates", cands), ("selected", chosen)):
-            for name, share in _domain_shares(node, group).items():
+            for name, share in _domain_shares(domains, group).items():
                 node.log_metric(f"{prefix}{what}_share_{name}", share)
         _add_seconds(node, prefix + "filter_seconds", time.perf_counter() - t0)
         return chosen
@@ -467,11 +467,10 @@ def _replay_pairs(examples: list, n: int, seed: int) -> list[tuple[str, str]]:
     return [(example_prompt(examples[i]), example_target(examples[i])) for i in idx]
 
 
-def _domain_shares(node: Any, chosen: list[dict]) -> dict[str, float]:
-    """Share of the selection per domain of the public questions (empty when the public
-    set has one domain): shows whether a filter keeps to or strays from what the
-    receiver is tested on."""
-    domains = {ex.id: ex.domain for ex in getattr(node, "public", [])}
+def _domain_shares(domains: dict[str, str], chosen: list[dict]) -> dict[str, float]:
+    """Share of ``chosen`` per domain, given the public questions' ``{id: domain}``
+    (empty when the public set has one domain): shows whether a filter keeps to or
+    strays from what the receiver is tested on."""
     names = sorted(set(domains.values()))
     if len(names) < 2 or not chosen:
         return {}
