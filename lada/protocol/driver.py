@@ -121,7 +121,7 @@ def _llm_correct(cfg, server) -> tuple[list[bool], bool]:
 
     lm = server.model()
     with torch.no_grad():
-        checksum = float(sum(p.detach().double().sum() for p in lm.model.parameters()))
+        checksum = float(sum(p.detach().sum(dtype=torch.float64) for p in lm.model.parameters()))  # no fp64 copies
     key = [int(server.state.get("model_version", 0)), checksum, len(server.test_set)]
     last = server.state.get("llm_eval")
     if last and last.get("key") == key:
