@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -280,6 +281,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML has nan and inf literals; no setting of ours means anything with them
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got bool {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):

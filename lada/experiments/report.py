@@ -74,7 +74,7 @@ def plot_accuracy(rows: list[dict], out: str | Path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in participants(rows):
-        pts = sorted((r["round"], r["accuracy"]) for r in rows if r["participant"] == p)
+        pts = sorted((r["round"], r["accuracy"]) for r in rows if r["participant"] == p and r.get("accuracy") is not None)
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, linestyle="--" if p == "llm" else "-")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")

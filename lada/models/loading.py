@@ -161,6 +161,12 @@ def save_model(lm: LoadedModel, path: str | Path) -> Path:
     weights are read again from ``config.name`` on load. Tiny bases are saved, since
     their random init exists nowhere else.
     """
+    from lada.models.training import NonFiniteError, nonfinite_parameters
+
+    bad = nonfinite_parameters(lm.model)
+    if bad:  # a NaN checkpoint would poison every later round and evaluation silently
+        raise NonFiniteError(f"refusing to save {lm.config.name!r} to {path}: non-finite weights in "
+                             f"{len(bad)} tensor(s), e.g. {bad[0]}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lm.tokenizer.save_pretrained(str(path))

@@ -10,6 +10,10 @@ Learning rate: linear warm-up over the first 5% of steps (at most 20), then cosi
 decay to 10% of the peak at the last step (``schedule="cosine"``, the default), or a
 flat rate after the warm-up (``schedule="constant"``). Each call builds a fresh AdamW,
 so a federated round's local training is self-contained.
+
+Non-finite numbers never reach the weights silently: a step whose loss or gradient is
+not finite is skipped and counted; a call that skips more than half of its steps, or
+ends with non-finite weights, raises `NonFiniteError` (the caller never saves them).
 """
 
 from __future__ import annotations
@@ -27,6 +31,32 @@ from transformers import PreTrainedTokenizerBase
 from lada.config import TrainConfig
 
 IGNORE = -100
+
+# Steps skipped for a non-finite loss or gradient in this process since the last
+# `pop_nonfinite_steps()`; the protocol reports them in the participant's metrics row.
+_NONFINITE_STEPS = 0
+
+
+# A call that has to skip more than this share of its steps has diverged (a learning
+# rate far too high, say): it fails instead of returning garbage weights as a result.
+MAX_SKIPPED_FRACTION = 0.5
+
+
+class NonFiniteError(FloatingPointError):
+    """Training left non-finite weights (the message says where and what to change)."""
+
+
+def pop_nonfinite_steps() -> int:
+    """Skipped non-finite steps since the last call (and reset the count)."""
+    global _NONFINITE_STEPS
+    n, _NONFINITE_STEPS = _NONFINITE_STEPS, 0
+    return n
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of parameters holding a NaN or an infinity."""
+    with torch.no_grad():
+        return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
@@ -112,11 +142,14 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     distillation terms); with no pairs, only that loss is optimised. Only parameters
     with ``requires_grad`` are updated, so LoRA models train their adapters only.
     Returns ``{"loss": mean loss of the last 10 steps, "first_loss", "steps",
-    "seconds", "tokens": non-pad tokens processed, "target_tokens"}``.
+    "seconds", "tokens": non-pad tokens processed, "target_tokens", "skipped":
+    steps skipped for a non-finite loss or gradient}``; raises `NonFiniteError` if more
+    than half of the steps were skipped or the weights are not finite at the end.
     """
+    global _NONFINITE_STEPS
     if steps <= 0:
         return {"loss": float("nan"), "first_loss": float("nan"), "steps": 0, "seconds": 0.0, "tokens": 0,
-                "target_tokens": 0}
+                "target_tokens": 0, "skipped": 0}
     if not pairs and extra_loss is None:
         raise ValueError(f"train_steps({desc!r}): no training pairs and no extra_loss")
     model, tok = lm.model, lm.tokenizer
@@ -129,7 +162,7 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     encoded = encode_pairs(tok, pairs, train_cfg.max_length)
     batches = _batches(len(encoded), bs, seed) if encoded else None
     losses: list[float] = []
-    tokens = target_tokens = 0
+    tokens = target_tokens = skipped = 0
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -151,9 +184,16 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
             if loss is None:
                 continue  # extra_loss had nothing to add this step
             opt.zero_grad(set_to_none=True)
+            if not bool(torch.isfinite(loss.detach())):
+                skipped += 1  # a NaN/inf loss would turn every weight into NaN through AdamW
+                continue
             loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            # max_norm=inf only measures: the total norm is finite iff every gradient is
+            norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
+            if not bool(torch.isfinite(norm)):
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+                continue
             opt.step()
             losses.append(loss.item())
             if step % 10 == 0:
@@ -161,7 +201,17 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     finally:
         model.eval()
         bar.close()
+        _NONFINITE_STEPS += skipped
+    if skipped > MAX_SKIPPED_FRACTION * steps:
+        raise NonFiniteError(f"{desc}: training diverged: {skipped} of {steps} step(s) had a non-finite loss or "
+                             f"gradient at learning rate {peak:g}. Lower train.lr (or the warm-up lr).")
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteError(f"{desc}: the weights became non-finite (NaN or inf in {len(bad)} tensor(s), e.g. "
+                             f"{bad[0]}) at learning rate {peak:g}; {skipped} of {steps} step(s) had a non-finite "
+                             f"loss or gradient. Lower train.lr (or the warm-up lr) or set train.grad_clip.")
     tail = losses[-10:]
     return {"loss": sum(tail) / len(tail) if tail else float("nan"),
             "first_loss": losses[0] if losses else float("nan"), "steps": len(losses),
-            "seconds": time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens}
+            "seconds": time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens,
+            "skipped": skipped}

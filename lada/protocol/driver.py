@@ -8,6 +8,7 @@ inline debug engine) and never look inside payloads.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from pathlib import Path
@@ -82,7 +83,24 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
             out = owner.server_send(phase.name, rnd, server, ids)
             replies = _exchange(transport, phase, rnd, out, traffic) if out else {}
             owner.server_receive(phase.name, rnd, replies, server)
+            _count_nonfinite_steps(server)
         on_round(rnd, _evaluate(cfg, transport, server, rnd, traffic, time.perf_counter() - t0, progress))
+
+
+def _count_nonfinite_steps(node) -> None:
+    """Add the training steps skipped for a non-finite loss or gradient (in this process,
+    since the last call) to the node's metrics row."""
+    from lada.models.training import pop_nonfinite_steps
+
+    n = pop_nonfinite_steps()
+    if n:
+        node.log_metric("nonfinite_steps", node.state.get("metrics", {}).get("nonfinite_steps", 0) + n)
+
+
+def strict_json_row(row: dict) -> dict:
+    """A metrics row with every non-finite float replaced by None (JSON null), so the
+    file stays strict JSON that any reader accepts."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
 def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic, round_seconds: float,
@@ -206,7 +224,11 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     plugin = make_plugin(cfg)
     host = make_host(cfg, plugin)
     owner = host if phase in {p.name for p in host.phases(rnd)} else plugin
+    from lada.models.training import pop_nonfinite_steps
+
+    pop_nonfinite_steps()  # count only this phase's steps
     reply = owner.client_handle(phase, rnd, payload, node)
+    _count_nonfinite_steps(node)
     node.save_state()
     return reply
 
@@ -246,7 +268,7 @@ def serve(cfg, transport: Transport, progress: Callable[[str], None] = print) ->
     def on_round(rnd: int, rows: list[dict]) -> None:
         with metrics_path.open("a") as f:
             for row in rows:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+                f.write(json.dumps(strict_json_row(row), sort_keys=True, allow_nan=False) + "\n")
         all_rows.extend(rows)
         accs = "  ".join(f"{r['participant']}={r['accuracy']:.3f}" for r in rows)
         progress(f"round {rnd}: {accs}")
