@@ -36,8 +36,16 @@ def _load(args) -> "RunConfig":  # noqa: F821
 
 
 def cmd_run(args) -> int:
-    from lada.experiments.runner import run
+    from lada.experiments.runner import resume, run
 
+    if args.resume:
+        if args.config or args.set or args.seed is not None or args.run_dir or args.overwrite:
+            raise SystemExit("lada run --resume RUN_DIR takes the run directory's own config: "
+                             "no CONFIG, --set, --seed, --run-dir or --overwrite")
+        resume(args.resume, engine=args.engine, superlink=args.superlink)
+        return 0
+    if not args.config:
+        raise SystemExit("lada run: give a CONFIG file (or --resume RUN_DIR)")
     cfg = _load(args)
     run(cfg, engine=args.engine, superlink=args.superlink, overwrite=args.overwrite)
     return 0
@@ -115,10 +123,20 @@ def cmd_grid(args) -> int:
 
 def cmd_report(args) -> int:
     from lada.experiments.report import read_metrics
-    from lada.experiments.runner import finish_run
+    from lada.experiments.runner import finish_run, read_run_state
 
     run_dir = Path(args.run_dir)
-    finish_run(run_dir, read_metrics(run_dir / "metrics.jsonl"), title=run_dir.name)
+    state = read_run_state(run_dir) or {}
+    incomplete = ""
+    if not (run_dir / "DONE").exists() or state.get("status", "done") != "done":
+        incomplete = (f"status {state.get('status', 'unknown')}"
+                      + (f" ({state['reason']})" if state.get("reason") else "")
+                      + (f"; last committed round {state['committed_round']} of {state.get('rounds', '?')}"
+                         if state.get("committed_round") is not None else "")
+                      + f"; continue with: lada run --resume {run_dir}")
+        print(f"INCOMPLETE RUN: {incomplete}")
+    title = run_dir.name + (" (INCOMPLETE)" if incomplete else "")
+    finish_run(run_dir, read_metrics(run_dir / "metrics.jsonl"), title=title, incomplete=incomplete)
     return 0
 
 
@@ -128,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a federation from a TOML config")
-    r.add_argument("config")
+    r.add_argument("config", nargs="?")
+    r.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted or failed run after its last committed round")
     r.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None,
                    help="default: [engine].kind of the config")
     r.add_argument("--superlink", default=None, help="deployment: SuperLink control address (host:port)")
@@ -183,7 +203,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lada.experiments.runner import RunDirError
     from lada.protocol.driver import FederationError
 
-    return (FileNotFoundError, DataFormatError, PartitionError, EngineError, RunDirError, FederationError)
+    from lada.models.training import NonFiniteError
+
+    return (FileNotFoundError, DataFormatError, PartitionError, EngineError, RunDirError, FederationError,
+            NonFiniteError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from lada.experiments.runner import Interrupted
+
+        print("terminated" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -137,10 +137,15 @@ class EngineConfig:
     superlink: str = ""  # deployment: address of the SuperLink's control API (empty: local federation)
     insecure: bool = True
     cpus_per_client: float = 1.0  # simulation: Ray CPU share of one ClientApp
-    reply_timeout_s: float = 3600.0
+    reply_timeout_s: float = 3600.0  # per phase: a client silent this long drops out of the round
+    # A round goes on with the clients that answered as long as at least this many did
+    # (the others rejoin later from their last committed state); 0: every client.
+    min_clients: int = 0
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "kind", ENGINES)
+        check_positive(self, where, "reply_timeout_s")
+        check_non_negative(self, where, "min_clients")
 
 
 @dataclass
@@ -177,6 +182,9 @@ class RunConfig:
             raise ConfigError(f"{where}: at least one [[clients]] table is required")
         if len(self.clients) != self.data.num_clients:
             raise ConfigError(f"{where}: {len(self.clients)} [[clients]] tables but data.num_clients = {self.data.num_clients}")
+        if self.engine.min_clients > len(self.clients):
+            raise ConfigError(f"{where} [engine].min_clients: must be <= the number of clients "
+                              f"({len(self.clients)}), got {self.engine.min_clients}")
         for k, c in enumerate(self.clients):
             c.validate(f"{where} [[clients]] #{k}")
         # Host and plug-in options are checked by their own config dataclasses.

@@ -55,7 +55,7 @@ class EchoHost(Host):
                 "text": payload["text"][::-1], "round": rnd, "flags": [True, False], "empty": []}
 
 
-def echo_serve(cfg, transport, progress=print):
+def echo_serve(cfg, transport, progress=print, **_):
     """Write each client's config (what 'setup' would do), run one echo exchange and
     record the replies in <run_dir>/echo.json, then mark the run done."""
     run_dir = cfg.resolved_run_dir()
@@ -119,6 +119,8 @@ config-path = ""
 config-text = ""
 run-dir = ""
 run-name = ""
+run-id = ""
+resume = ""
 connect-timeout-s = 120.0
 """
 

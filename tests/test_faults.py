@@ -135,3 +135,124 @@ def test_diverging_run_fails_loudly_and_saves_no_nan(tmp_path, monkeypatch):
     assert _has_nonfinite_checkpoint(run_dir) == []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c} in metrics.jsonl"))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _accuracies(run_dir: Path) -> dict[tuple[int, str], float]:
+    return {(r["round"], r["participant"]): r["accuracy"] for r in _rows(run_dir)}
+
+
+def _state(ws: Path) -> dict:
+    return json.loads((ws / "state.json").read_text())
+
+
+def test_node_workspace_is_keyed_by_run_id_not_name(tmp_path):
+    from lada.protocol.driver import client_workspace
+
+    node = {"partition-id": 1, "workspace": str(tmp_path)}
+    a = client_workspace(1, node, {"run-name": "same", "run-id": "same-1"})
+    b = client_workspace(1, node, {"run-name": "same", "run-id": "same-2"})
+    assert a != b and a == tmp_path / "same-1" / "client-1"
+    with pytest.raises(KeyError, match="run-id"):
+        client_workspace(1, node, {"run-name": "same"})
+
+
+@pytest.mark.e2e
+def test_same_name_runs_on_node_workspaces_start_from_the_same_state(tmp_path, monkeypatch):
+    """Clients with a node workspace (as SuperNodes on other machines have) used to key
+    their state by run name: a rerun started from the previous run's final models."""
+    from lada.engines.launch import InlineTransport
+    from lada.experiments.runner import prepare_run_dir
+    from lada.protocol.driver import serve
+
+    ws = tmp_path / "node-ws"
+    ids = []
+    for i in range(2):
+        cfg = load_config(TINY, [f'run_dir="{tmp_path / f"run{i}"}"', "rounds=1"])  # same name both times
+        prepare_run_dir(cfg)
+        run_id = f"tiny-test-{i}"
+        ids.append(run_id)
+        transport = InlineTransport(3, {"run-dir": cfg.run_dir, "run-id": run_id}, workspace=ws)
+        serve(cfg, transport, progress=lambda s: None, run_id=run_id)
+    assert _accuracies(tmp_path / "run0") == _accuracies(tmp_path / "run1")
+    for run_id in ids:
+        for k in range(3):
+            assert _state(ws / run_id / f"client-{k}")["model_version"] == 1  # one round each, not two
+
+
+def _interrupt_client(monkeypatch, k: int, rnd: int, exc: BaseException) -> None:
+    """Make client ``k`` raise ``exc`` in the CoT distill phase of round ``rnd``."""
+    from lada.hosts.cot import CoTHost
+
+    real = CoTHost.client_handle
+
+    def client_handle(self, phase, r, payload, client):
+        if client.index == k and r == rnd:
+            raise exc
+        return real(self, phase, r, payload, client)
+
+    monkeypatch.setattr(CoTHost, "client_handle", client_handle)
+
+
+@pytest.mark.e2e
+def test_resume_after_an_interrupt_equals_an_unbroken_run(tmp_path, monkeypatch, capsys):
+    from lada.cli import main
+
+    args = ["--engine", "inline", "--set", "rounds=2"]
+    assert main(["run", str(TINY), "--run-dir", str(tmp_path / "whole"), *args]) == 0
+    with monkeypatch.context() as m:
+        # Ctrl-C in round 2, after client-0 already trained and saved its round-2 model
+        _interrupt_client(m, 1, 2, KeyboardInterrupt())
+        assert main(["run", str(TINY), "--run-dir", str(tmp_path / "cut"), *args]) == 130
+    cut = tmp_path / "cut"
+    state = json.loads((cut / "run.json").read_text())
+    assert state["status"] == "interrupted" and state["committed_round"] == 1
+    assert not (cut / "DONE").exists()
+    assert main(["report", str(cut)]) == 0
+    assert "INCOMPLETE RUN" in capsys.readouterr().out and "Incomplete run" in (cut / "summary.md").read_text()
+    assert main(["run", "--resume", str(cut)]) == 0
+    assert (cut / "DONE").exists() and json.loads((cut / "run.json").read_text())["status"] == "done"
+    assert _accuracies(cut) == _accuracies(tmp_path / "whole")
+    for k in range(3):
+        assert (_state(cut / "nodes" / f"client-{k}")["model_version"]
+                == _state(tmp_path / "whole" / "nodes" / f"client-{k}")["model_version"] == 2)
+    assert main(["run", "--resume", str(cut)]) == 1  # complete: nothing to resume
+
+
+@pytest.mark.e2e
+def test_round_goes_on_without_a_failed_client_which_rejoins_later(tmp_path, monkeypatch):
+    from lada.engines.launch import run_engine
+
+    _interrupt_client(monkeypatch, 1, 1, RuntimeError("client-1 lost its disk"))
+    cfg = load_config(TINY, [f'run_dir="{tmp_path / "run"}"', "rounds=2", "engine.min_clients=2"])
+    run_engine(cfg, "inline", tmp_path / "run" / "run.log")
+    rows = {(r["round"], r["participant"]): r for r in _rows(tmp_path / "run")}
+    missing = rows[(1, "client-1")]
+    assert missing["status"] == "missing" and missing["accuracy"] is None and "lost its disk" in missing["reason"]
+    for (rnd, _), r in rows.items():  # every row says who took part and who failed
+        assert r["participants"] == (["client-0", "client-2"] if rnd == 1 else ["client-0", "client-1", "client-2"])
+        assert list(r["failures"]) == (["client-1"] if rnd == 1 else [])
+    assert rows[(2, "client-1")]["accuracy"] is not None  # back in round 2 ...
+    states = [_state(tmp_path / "run" / "nodes" / f"client-{k}")["model_version"] for k in range(3)]
+    assert states == [2, 1, 2]  # ... from its round-0 state: round 1 never committed for it
+
+
+@pytest.mark.e2e
+def test_below_min_clients_the_run_stops_with_a_clear_message(tmp_path, monkeypatch):
+    from lada.engines.launch import run_engine
+    from lada.protocol.driver import FederationError
+
+    _interrupt_client(monkeypatch, 1, 1, RuntimeError("client-1 lost its disk"))
+    cfg = load_config(TINY, [f'run_dir="{tmp_path / "run"}"', "rounds=1"])  # min_clients 0: all
+    with pytest.raises(FederationError, match=r"(?s)only 2 of 3 clients left.*min_clients = 3.*client-1:.*lost its disk"):
+        run_engine(cfg, "inline", tmp_path / "run" / "run.log")
+
+
+def test_min_clients_is_validated():
+    with pytest.raises(ConfigError, match="min_clients"):
+        load_config(TINY, ["engine.min_clients=4"])
+    with pytest.raises(ConfigError, match="min_clients"):
+        load_config(TINY, ["engine.min_clients=-1"])

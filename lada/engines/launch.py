@@ -47,18 +47,28 @@ class InlineTransport:
     """Calls `handle_message` for each client in this process. Payloads are copied
     both ways so no object is shared between "server" and "client" by accident."""
 
-    def __init__(self, num_clients: int, run_config: dict) -> None:
+    def __init__(self, num_clients: int, run_config: dict, workspace: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.num_clients = num_clients
         self.run_config = dict(run_config)
+        self.workspace = str(workspace) if workspace else ""  # like a SuperNode's --node-config workspace=...
+        self.log = log
 
     def client_ids(self) -> list[int]:
         return list(range(self.num_clients))
 
     def exchange(self, phase: Phase, rnd: int, payloads: dict[int, Payload]) -> dict[int, Payload]:
         replies = {}
-        for k, payload in payloads.items():
+        for i, (k, payload) in enumerate(sorted(payloads.items()), 1):
             node_config = {"partition-id": k, "num-partitions": self.num_clients}
+            if self.workspace:
+                node_config["workspace"] = self.workspace
+            t0 = time.perf_counter()
             replies[k] = _copy(handle_message(phase.name, rnd, _copy(payload), node_config, self.run_config))
+            elapsed = time.perf_counter() - t0
+            if self.log is not None and elapsed > 2.0:  # progress on phases long enough to wonder about
+                state = "failed" if "error" in replies[k] else "done"
+                self.log(f"round {rnd}, phase {phase.name!r}: client-{k} {state} in {elapsed:.1f}s ({i}/{len(payloads)})")
         return replies
 
 
@@ -68,18 +78,32 @@ def _copy(p: Payload) -> Payload:
 
 # ----------------------------------------------------------------------------- entry point
 
+def new_run_id(name: str) -> str:
+    """A run id unique to one submission: clients key their state by it."""
+    import re
+    import uuid
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-") or "run"
+    return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
 def run_engine(cfg: RunConfig, engine: str, log_path: Path, superlink: str | None = None,
-               app_dir: Path | None = None) -> None:
+               app_dir: Path | None = None, run_id: str = "", resume: bool = False) -> None:
     """Run ``cfg`` to completion on ``engine``; raise EngineError if it failed.
 
     Output lines go to the console and are appended to ``log_path``. Paths in the
-    config are made absolute first, since Flower runs the apps in other directories."""
+    config are made absolute first, since Flower runs the apps in other directories.
+    ``run_id`` keys the clients' state (a new one when empty); ``resume`` continues
+    after the run directory's last committed round. On an interrupt (KeyboardInterrupt,
+    or SIGTERM turned into one by the caller) everything this call started is stopped
+    and its temporary folders removed before the exception goes on."""
     cfg = absolute_paths(cfg)
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(cfg, run_dir)
     (run_dir / "DONE").unlink(missing_ok=True)
-    run_config = {"config-path": str(config_path), "run-dir": str(run_dir), "run-name": cfg.name}
+    run_config = {"config-path": str(config_path), "run-dir": str(run_dir), "run-name": cfg.name,
+                  "run-id": run_id or new_run_id(cfg.name), "resume": "1" if resume else ""}
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log_file:
@@ -137,8 +161,11 @@ def _echo(log_file: TextIO) -> Callable[[str], None]:
 
 
 def _run_inline(cfg: RunConfig, run_config: dict, echo: Callable[[str], None]) -> None:
-    serve(cfg, InlineTransport(len(cfg.clients), run_config),
-          progress=lambda s: echo(f"{time.strftime('%H:%M:%S')} [inline] {s}"))
+    def progress(line: str) -> None:
+        echo(f"{time.strftime('%H:%M:%S')} [inline] {line}")
+
+    serve(cfg, InlineTransport(len(cfg.clients), run_config, log=progress), progress=progress,
+          resume=bool(run_config.get("resume")), run_id=str(run_config.get("run-id", "")))
 
 
 # ----------------------------------------------------------------------------- Flower engines
@@ -164,24 +191,85 @@ def _write_flwr_home(home: Path, connection: dict[str, object], run_config: dict
     return run_config_file
 
 
+# Flower notices a lada user cannot act on (the app sets everything they talk about).
+_FLOWER_NOISE = ("default simulated SuperNodes", "num-supernodes", "federation-config", "Starting local SuperLink",
+                 "To view usage", "flwr log", "To change this", "deprecat", "DEPRECATED")
+
+
+def _is_noise(line: str) -> bool:
+    return any(n in line for n in _FLOWER_NOISE)
+
+
 def _flwr_run(app_dir: Path, run_config_file: Path, env: dict[str, str], echo: Callable[[str], None],
-              extra: list[str] | None = None) -> tuple[int, list[str]]:
-    """`flwr run APP lada --stream`, output streamed line by line; (exit code, lines)."""
+              extra: list[str] | None = None, on_interrupt: Callable[[list[str]], None] | None = None
+              ) -> tuple[int, list[str]]:
+    """`flwr run APP lada --stream`, output streamed line by line; (exit code, lines).
+    On an interrupt ``on_interrupt(lines so far)`` runs before `flwr run` is stopped."""
     cmd = [flower_executable("flwr"), "run", str(app_dir), FEDERATION, "--stream",
            "--run-config", str(run_config_file), *(extra or [])]
     lines: list[str] = []
+    # Own process group: a terminal's Ctrl-C reaches only us, and we stop the run in order.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, text=True, errors="replace", bufsize=1)
+                            env=env, text=True, errors="replace", bufsize=1, start_new_session=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             lines.append(line)
-            echo(line)
+            if not _is_noise(line):
+                echo(line)
         return proc.wait(), lines
     except BaseException:
+        if on_interrupt is not None:
+            try:
+                on_interrupt(lines)
+            except Exception as e:  # noqa: BLE001 - still stop what we started
+                echo(f"[lada] could not stop the Flower run: {e}")
         stop_pids({"flwr-run": proc.pid})
         raise
+
+
+def flower_run_id(lines: list[str]) -> int | None:
+    """The Flower run id `flwr run` printed ("Successfully started run N")."""
+    import re
+
+    for line in lines:
+        m = re.search(r"Successfully started run (\d+)", line)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _flwr_stop(lines: list[str], env: dict[str, str], echo: Callable[[str], None]) -> None:
+    """`flwr stop` the run `flwr run` started, so the SuperLink stops its ServerApp."""
+    run = flower_run_id(lines)
+    if run is None:
+        return
+    echo(f"[lada] stopping Flower run {run}")
+    subprocess.run([flower_executable("flwr"), "stop", str(run), FEDERATION], env=env, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
+
+
+def stop_flower_processes(home: Path) -> list[int]:
+    """Stop every process whose FLWR_HOME is ``home`` or below it: the SuperLink that
+    `flwr run` detaches, its SuperExec and ServerApp, and any SuperNode, whoever their
+    parent is now. Returns their PIDs."""
+    import psutil
+
+    home_s = str(Path(home))
+    me = psutil.Process().pid
+    pids: dict[str, int] = {}
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
+        try:
+            flwr_home = p.environ().get("FLWR_HOME", "")
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
+            continue
+        if flwr_home == home_s or flwr_home.startswith(home_s + "/"):
+            pids[f"pid-{p.pid}"] = p.pid
+    stop_pids(pids)
+    return sorted(pids.values())
 
 
 def _check_outcome(run_dir: Path | None, code: int, lines: list[str], what: str) -> None:
@@ -223,6 +311,7 @@ def _run_simulation(cfg: RunConfig, run_config: dict, echo: Callable[[str], None
         code, lines = _flwr_run(app_dir, run_config_file, env, echo, ["--federation-config", federation_config])
     finally:
         _stop_local_superlink(port)
+        stop_flower_processes(home)  # what the SuperLink left behind (SuperExec, ServerApp)
         shutil.rmtree(home, ignore_errors=True)
     _check_outcome(cfg.resolved_run_dir(), code, lines, "simulation run")
 
@@ -251,6 +340,7 @@ def _run_local_deployment(cfg: RunConfig, run_config: dict, echo: Callable[[str]
             run_config_file = _write_flwr_home(home, {"address": fed.address, "insecure": True}, run_config)
             code, lines = _flwr_run(app_dir, run_config_file, flower_env(home), echo)
     finally:
+        stop_flower_processes(home)
         shutil.rmtree(home, ignore_errors=True)
     _check_outcome(cfg.resolved_run_dir(), code, lines, "deployment run")
 
@@ -261,10 +351,14 @@ def _run_remote(cfg: RunConfig, run_config: dict, address: str, echo: Callable[[
     home = Path(tempfile.mkdtemp(prefix="lada-flwr-home-"))
     connection: dict[str, object] = {"address": address, "insecure": bool(cfg.engine.insecure)}
     run_config = dict(run_config, **{"config-text": cfg.to_toml()})
+    env = flower_env(home)
     try:
         run_config_file = _write_flwr_home(home, connection, run_config)
-        code, lines = _flwr_run(app_dir, run_config_file, flower_env(home), echo)
+        # Interrupted: the SuperLink would go on running rounds, so `flwr stop` the run.
+        code, lines = _flwr_run(app_dir, run_config_file, env, echo,
+                                on_interrupt=lambda lines: _flwr_stop(lines, env, echo))
     finally:
+        stop_flower_processes(home)
         shutil.rmtree(home, ignore_errors=True)
     _check_outcome(None, code, lines, f"deployment run on {address}")
 

@@ -137,15 +137,16 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
     for rows in rows_by_seed.values():
         last = max(r["round"] for r in rows)
         final = [r for r in rows if r["round"] == last]
+        final = [r for r in final if r.get("accuracy") is not None]  # a client that failed that round has none
         for r in final:
             finals.setdefault(r["participant"], []).append(r["accuracy"])
         slm = [r["accuracy"] for r in final if r["participant"] != "llm"]
-        slm_mean.append(sum(slm) / len(slm))
+        slm_mean.append(sum(slm) / len(slm) if slm else float("nan"))
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:
             mb.append(statistics.fmean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in llm_rows))
             secs.append(statistics.fmean(r["seconds"] for r in llm_rows))
-        f = [sum(v for k, v in r.items() if k.endswith("filter_seconds")) for r in rows if r["round"] > 0]
+        f = [sum(v or 0.0 for k, v in r.items() if k.endswith("filter_seconds")) for r in rows if r["round"] > 0]
         if any(f) and llm_rows:
             filt.append(sum(f) / len(llm_rows))
     return {"finals": finals, "slm_mean": slm_mean, "mb_per_round": mb, "seconds_per_round": secs,
@@ -194,7 +195,8 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
         for rnd in rounds:
             s_vals, l_vals = [], []
             for rows in by_seed.values():
-                accs = [r["accuracy"] for r in rows if r["round"] == rnd and r["participant"] != "llm"]
+                accs = [r["accuracy"] for r in rows if r["round"] == rnd and r["participant"] != "llm"
+                        and r.get("accuracy") is not None]
                 if accs:
                     s_vals.append(sum(accs) / len(accs))
                 l_vals += [r["accuracy"] for r in rows if r["round"] == rnd and r["participant"] == "llm"]

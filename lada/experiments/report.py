@@ -36,7 +36,9 @@ def accuracy_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         accs = [by.get((rnd, p), {}).get("accuracy") for p in parts]
         slm = [a for p, a in zip(parts, accs) if p != "llm" and a is not None]
         llm = by.get((rnd, "llm"), {})
-        body.append([str(rnd)] + [f"{a:.3f}" if a is not None else "-" for a in accs]
+        cells = [f"{a:.3f}" if a is not None else ("missing" if by.get((rnd, p), {}).get("status") == "missing" else "-")
+                 for p, a in zip(parts, accs)]
+        body.append([str(rnd)] + cells
                     + [f"{sum(slm) / len(slm):.3f}" if slm else "-",
                        f"{llm.get('bytes_up', 0) / 1e6:.3f}", f"{llm.get('bytes_down', 0) / 1e6:.3f}",
                        f"{llm.get('seconds', 0.0):.1f}"])

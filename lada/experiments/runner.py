@@ -44,35 +44,143 @@ def warm_up_all(cfg: RunConfig) -> None:
         log.info("warm-up %s: %s (%.1fs)", participant, path, time.perf_counter() - t0)
 
 
+RUN_FILE = "run.json"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the run stops like on Ctrl-C: everything
+    it started is stopped and the run directory is marked incomplete."""
+
+
+def read_run_state(run_dir: Path) -> dict | None:
+    """``<run_dir>/run.json``: run id, engine and status (running | done |
+    interrupted | failed), or None for run directories from older versions."""
+    import json
+
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_run_state(run_dir: Path, **fields) -> dict:
+    import json
+
+    state = dict(read_run_state(run_dir) or {}, **fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = Path(run_dir) / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    tmp.replace(Path(run_dir) / RUN_FILE)
+    return state
+
+
+class _TermAsInterrupt:
+    """While active (main thread only), SIGTERM raises `Interrupted`."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+                raise Interrupted(f"signal {signum}")
+
+            self.old = signal.signal(signal.SIGTERM, on_term)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
 def run(cfg: RunConfig, engine: str | None = None, superlink: str | None = None, overwrite: bool = False,
         warmup: bool = True) -> list[dict]:
     """Run a federation to completion and return its metric rows."""
-    from lada.engines.launch import run_engine
+    from lada.engines.launch import new_run_id
 
     engine = engine or cfg.engine.kind
     cfg.engine.kind = engine
     run_dir = prepare_run_dir(cfg, overwrite)
+    write_run_state(run_dir, run_id=new_run_id(cfg.name), engine=engine, status="running", rounds=cfg.rounds)
+    return _execute(cfg, run_dir, engine, superlink, warmup, resume=False)
+
+
+def resume(run_dir: str | Path, engine: str | None = None, superlink: str | None = None,
+           warmup: bool = True) -> list[dict]:
+    """Continue an incomplete run after its last committed round (same config, same
+    run id, so clients find their state); the result equals an unbroken run's."""
+    from lada.config import load_config
+    from lada.protocol.commit import read_commit
+
+    run_dir = Path(run_dir).absolute()
+    state = read_run_state(run_dir)
+    if state is None or not (run_dir / "config.toml").exists():
+        raise RunDirError(f"{run_dir}: not a run directory this version can resume (no {RUN_FILE} or config.toml)")
+    if state.get("status") == "done" and (run_dir / "DONE").exists():
+        raise RunDirError(f"{run_dir}: the run is complete; nothing to resume")
+    if read_commit(run_dir) is None:
+        raise RunDirError(f"{run_dir}: no round was committed yet; start it again with --overwrite")
+    cfg = load_config(run_dir / "config.toml")
+    cfg.run_dir = str(run_dir)
+    engine = engine or state.get("engine") or cfg.engine.kind
+    cfg.engine.kind = engine
+    write_run_state(run_dir, engine=engine, status="running", resumed=int(state.get("resumed", 0)) + 1)
+    return _execute(cfg, run_dir, engine, superlink, warmup, resume=True)
+
+
+def _execute(cfg: RunConfig, run_dir: Path, engine: str, superlink: str | None, warmup: bool,
+             resume: bool) -> list[dict]:
+    from lada.engines.launch import run_engine
+
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    run_id = read_run_state(run_dir)["run_id"]
     try:
-        t0 = time.perf_counter()
-        log.info("run %s: host=%s plugin=%s engine=%s seed=%d rounds=%d -> %s", cfg.name, cfg.host_name,
-                 cfg.plugin_name, engine, cfg.seed, cfg.rounds, run_dir)
-        if warmup and not (engine == "deployment" and (superlink or cfg.engine.superlink)):
-            warm_up_all(cfg)
-        run_engine(cfg, engine, run_dir / "run.log", superlink=superlink)
-        rows = read_metrics(run_dir / "metrics.jsonl")
-        finish_run(run_dir, rows, title=f"{cfg.name}: host={cfg.host_name} plugin={cfg.plugin_name}")
-        log.info("run finished in %.1fs", time.perf_counter() - t0)
-        return rows
+        with _TermAsInterrupt():
+            t0 = time.perf_counter()
+            log.info("%s %s: host=%s plugin=%s engine=%s seed=%d rounds=%d -> %s", "resume" if resume else "run",
+                     cfg.name, cfg.host_name, cfg.plugin_name, engine, cfg.seed, cfg.rounds, run_dir)
+            if warmup and not (engine == "deployment" and (superlink or cfg.engine.superlink)):
+                warm_up_all(cfg)
+            run_engine(cfg, engine, run_dir / "run.log", superlink=superlink, run_id=run_id, resume=resume)
+            rows = read_metrics(run_dir / "metrics.jsonl")
+            write_run_state(run_dir, status="done")
+            finish_run(run_dir, rows, title=f"{cfg.name}: host={cfg.host_name} plugin={cfg.plugin_name}")
+            log.info("run finished in %.1fs", time.perf_counter() - t0)
+            return rows
+    except KeyboardInterrupt as e:
+        _mark_incomplete(run_dir, "interrupted", "SIGTERM" if isinstance(e, Interrupted) else "interrupted (SIGINT)")
+        raise
+    except BaseException as e:
+        _mark_incomplete(run_dir, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def finish_run(run_dir: Path, rows: list[dict], title: str) -> None:
+def _mark_incomplete(run_dir: Path, status: str, reason: str) -> None:
+    from lada.protocol.commit import read_commit
+
+    commit = read_commit(run_dir) or {}
+    state = write_run_state(run_dir, status=status, reason=reason, committed_round=commit.get("round"))
+    msg = f"run {status}: {reason}. " + (
+        f"Rounds up to {commit['round']} are committed; continue with: lada run --resume {run_dir}"
+        if commit else "No round was committed.")
+    log.warning(msg)
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+        if rows:
+            finish_run(run_dir, rows, title=f"{run_dir.name} (INCOMPLETE: {state['status']})", incomplete=msg)
+    except Exception:  # noqa: BLE001 - the summary is a courtesy; the original error matters
+        pass
+
+
+def finish_run(run_dir: Path, rows: list[dict], title: str, incomplete: str = "") -> None:
     header, body = accuracy_table(rows)
-    (run_dir / "summary.md").write_text(f"# {title}\n\nTest accuracy per round.\n\n" + markdown_table(header, body))
+    note = f"**Incomplete run.** {incomplete}\n\n" if incomplete else ""
+    (run_dir / "summary.md").write_text(f"# {title}\n\n{note}Test accuracy per round.\n\n" + markdown_table(header, body))
     plot_accuracy(rows, run_dir / "accuracy.png", title)
     print_table(rows, title)

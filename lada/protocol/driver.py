@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -46,45 +47,134 @@ class RoundTraffic:
         self.seconds[cid] = self.seconds.get(cid, 0.0) + seconds
 
 
-def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, Payload], traffic: RoundTraffic | None) -> dict[int, Payload]:
+def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, Payload], traffic: RoundTraffic | None,
+              failures: dict[int, str] | None = None, bases: dict[int, int] | None = None,
+              attempt: str = "") -> dict[int, Payload]:
+    """Send one phase's payloads and return the good replies.
+
+    A client that answers with an error or not at all fails the phase: with
+    ``failures`` given it is recorded there (client -> reason) and left out of the
+    result, otherwise the run stops. ``bases`` adds each client's last committed round
+    (see `lada.protocol.commit`) to its payload, with ``attempt`` (which server process
+    runs the round); neither is counted as traffic."""
     for cid, p in payloads.items():
         check_payload(p, f"{phase.name} payload for client-{cid}")
-    replies = transport.exchange(phase, rnd, payloads)
-    missing = sorted(set(payloads) - set(replies))
-    if missing:
-        raise FederationError(f"round {rnd}, phase {phase.name!r}: no reply from client(s) {missing}")
-    for cid, reply in replies.items():
-        if "error" in reply:
-            raise FederationError(f"client-{cid} failed in round {rnd}, phase {phase.name!r}:\n{reply['error']}")
-        if traffic is not None:
-            traffic.add(cid, payload_nbytes(payloads[cid]), payload_nbytes(reply), float(reply.get("_seconds", 0.0)))
-    return replies
+    sent = {cid: (dict(p, _base=int(bases[cid]), _attempt=attempt) if bases is not None else p)
+            for cid, p in payloads.items()}
+    replies = transport.exchange(phase, rnd, sent)
+    good: dict[int, Payload] = {}
+    for cid in sorted(payloads):
+        reply = replies.get(cid)
+        if reply is not None and "error" not in reply:
+            good[cid] = reply
+            if traffic is not None:
+                traffic.add(cid, payload_nbytes(payloads[cid]), payload_nbytes(reply), float(reply.get("_seconds", 0.0)))
+            continue
+        if reply is None:
+            full = short = f"round {rnd}, phase {phase.name!r}: no reply from client(s) [{cid}]"
+        else:
+            full = f"client-{cid} failed in round {rnd}, phase {phase.name!r}:\n{reply['error']}"
+            short = f"phase {phase.name!r}: {_last_line(str(reply['error']))}"
+        if failures is None:
+            raise FederationError(full)
+        failures[cid] = short
+    return good
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no reason given)"
+
+
+class _Round:
+    """Who takes part in one round, and who dropped out and why."""
+
+    def __init__(self, n: int, min_clients: int) -> None:
+        self.n = n
+        self.min_clients = min_clients
+        self.failures: dict[int, str] = {}
+        self.active: list[int] = []
+
+    def drop_failed(self, rnd: int, phase: str, progress: Callable[[str], None]) -> None:
+        for k in [k for k in self.active if k in self.failures]:
+            progress(f"round {rnd}: client-{k} dropped out ({self.failures[k]}); it rejoins from its last committed state")
+        self.active = [k for k in self.active if k not in self.failures]
+        if len(self.active) < self.min_clients:
+            why = "; ".join(f"client-{k}: {r}" for k, r in sorted(self.failures.items())) or "none connected"
+            raise FederationError(
+                f"round {rnd}, phase {phase!r}: only {len(self.active)} of {self.n} clients left "
+                f"({', '.join(f'client-{k}' for k in self.active) or 'none'}), fewer than "
+                f"engine.min_clients = {self.min_clients}. Failures: {why}")
 
 
 def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin,
-                   on_round: Callable[[int, list[dict]], None], progress: Callable[[str], None] = lambda s: None) -> None:
+                   on_round: Callable[[int, list[dict]], None], progress: Callable[[str], None] = lambda s: None,
+                   committed: dict[str, Any] | None = None,
+                   on_commit: Callable[[int, dict[int, int]], None] = lambda rnd, clients: None) -> None:
     """Run setup, round-0 evaluation and ``cfg.rounds`` rounds; call ``on_round`` with
-    the metric rows (one per participant) after each evaluation."""
-    ids = transport.client_ids()
-    expected = list(range(len(cfg.clients)))
-    if sorted(ids) != expected:
-        raise FederationError(f"connected clients {sorted(ids)} do not match the config's {expected}")
+    the metric rows (one per participant) after each evaluation, then ``on_commit``.
+
+    ``committed`` (a commit record, `lada.protocol.commit.read_commit`) resumes after
+    its round. A round goes on with the clients that answered each phase as long as at
+    least ``engine.min_clients`` (0: all) did; the others are recorded as failed and
+    rejoin in a later round from their last committed state."""
+    from lada.protocol.commit import INITIAL
+
+    n = len(cfg.clients)
+    min_clients = int(getattr(cfg.engine, "min_clients", 0) or n)
     config_text = cfg.to_toml()
-    progress("setup: clients load their models")
-    setup = _exchange(transport, SETUP, 0, {k: {"config": config_text} for k in ids}, None)
-    host.server_setup(server, setup)
-    on_round(0, _evaluate(cfg, transport, server, 0, RoundTraffic(), 0.0, progress))
-    for rnd in range(1, cfg.rounds + 1):
+    bases = {k: INITIAL for k in range(n)}  # each client's last committed round
+    first = 0
+    if committed is not None:
+        bases.update({int(k): int(r) for k, r in committed.get("clients", {}).items()})
+        first = int(committed["round"]) + 1
+    ready: set[int] = set()  # clients that took 'setup' from this server process
+    attempt = uuid.uuid4().hex  # a resumed round is another attempt: clients drop the first one's work
+
+    def start_round(rnd: int) -> _Round:
+        state = _Round(n, min_clients)
+        ids = [k for k in transport.client_ids() if 0 <= k < n]
+        for k in range(n):
+            if k not in ids:
+                state.failures[k] = "not connected"
+        new = [k for k in ids if k not in ready]
+        if new:
+            progress(f"setup: client(s) {new} load their models")
+            replies = _exchange(transport, SETUP, rnd, {k: {"config": config_text} for k in new}, None,
+                                state.failures, bases, attempt)
+            if replies:
+                host.server_setup(server, replies)
+            ready.update(replies)
+        state.active = [k for k in ids if k in ready and k not in state.failures]
+        state.drop_failed(rnd, "setup", progress)
+        return state
+
+    def finish_round(rnd: int, state: _Round, traffic: RoundTraffic, seconds: float) -> None:
+        rows = _evaluate(cfg, transport, server, rnd, traffic, seconds, progress, state, bases, attempt)
+        for k in state.failures:
+            ready.discard(k)  # a client that failed gets 'setup' again when it is back
+        done = {k: rnd for k in state.active}
+        bases.update(done)
+        on_round(rnd, rows)
+        on_commit(rnd, dict(bases))
+
+    if first == 0:
+        state = start_round(0)
+        finish_round(0, state, RoundTraffic(), 0.0)
+    for rnd in range(max(1, first), cfg.rounds + 1):
         t0 = time.perf_counter()
         traffic = RoundTraffic()
+        state = start_round(rnd)
         steps = [(host, ph) for ph in host.phases(rnd)] + [(plugin, ph) for ph in plugin.phases(rnd)]
         for owner, phase in steps:
-            progress(f"round {rnd}/{cfg.rounds}: {phase.name}")
-            out = owner.server_send(phase.name, rnd, server, ids)
-            replies = _exchange(transport, phase, rnd, out, traffic) if out else {}
+            progress(f"round {rnd}/{cfg.rounds}: {phase.name} ({len(state.active)} client(s))")
+            out = owner.server_send(phase.name, rnd, server, list(state.active))
+            out = {k: p for k, p in out.items() if k in state.active}
+            replies = _exchange(transport, phase, rnd, out, traffic, state.failures, bases, attempt) if out else {}
+            state.drop_failed(rnd, phase.name, progress)
             owner.server_receive(phase.name, rnd, replies, server)
             _count_nonfinite_steps(server)
-        on_round(rnd, _evaluate(cfg, transport, server, rnd, traffic, time.perf_counter() - t0, progress))
+        finish_round(rnd, state, traffic, time.perf_counter() - t0)
 
 
 def _count_nonfinite_steps(node) -> None:
@@ -104,9 +194,14 @@ def strict_json_row(row: dict) -> dict:
 
 
 def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic, round_seconds: float,
-              progress: Callable[[str], None]) -> list[dict]:
-    progress(f"round {rnd}/{cfg.rounds}: evaluate")
-    replies = _exchange(transport, EVALUATE, rnd, {k: {} for k in transport.client_ids()}, None)
+              progress: Callable[[str], None], state: _Round, bases: dict[int, int], attempt: str) -> list[dict]:
+    """Evaluate every participant still in the round, commit the server's state of the
+    round, and return the metric rows (failed clients get a row saying why)."""
+    from lada.protocol.commit import prune, snapshot
+
+    progress(f"round {rnd}/{cfg.rounds}: evaluate ({len(state.active)} client(s))")
+    replies = _exchange(transport, EVALUATE, rnd, {k: {} for k in state.active}, None, state.failures, bases, attempt)
+    state.drop_failed(rnd, "evaluate", progress)
     t0 = time.perf_counter()
     correct, cached = _llm_correct(cfg, server)
     llm_row = {"round": rnd, "participant": "llm", "accuracy": sum(correct) / max(1, len(correct)),
@@ -116,14 +211,26 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
     llm_row.update(_accuracy_by_domain(server.test_set, correct))
     llm_row.update(server.pop_metrics())
     server.save_state()
+    snapshot(server.workspace, rnd)
+    prune(server.workspace, rnd)
     rows = [llm_row]
-    for k in sorted(replies):
-        r = replies[k]
-        row = {"round": rnd, "participant": f"client-{k}", "accuracy": float(r["accuracy"]), "n_test": int(r["n"]),
-               "bytes_up": traffic.up.get(k, 0), "bytes_down": traffic.down.get(k, 0),
-               "seconds": traffic.seconds.get(k, 0.0)}
-        row.update({key[2:]: v for key, v in r.items() if key.startswith("m_")})
+    for k in range(state.n):
+        if k in replies:
+            r = replies[k]
+            row = {"round": rnd, "participant": f"client-{k}", "accuracy": float(r["accuracy"]), "n_test": int(r["n"]),
+                   "bytes_up": traffic.up.get(k, 0), "bytes_down": traffic.down.get(k, 0),
+                   "seconds": traffic.seconds.get(k, 0.0)}
+            row.update({key[2:]: v for key, v in r.items() if key.startswith("m_")})
+        else:
+            row = {"round": rnd, "participant": f"client-{k}", "accuracy": None, "status": "missing",
+                   "reason": state.failures.get(k, "left out")}
         rows.append(row)
+    # Every row says who took part in this round and who did not, and why.
+    took_part = [f"client-{k}" for k in sorted(replies)]
+    failed = {f"client-{k}": why for k, why in sorted(state.failures.items())}
+    for row in rows:
+        row["participants"] = took_part
+        row["failures"] = failed
     return rows
 
 
@@ -169,9 +276,16 @@ def handle_message(phase: str, rnd: int, payload: Payload, node_config: dict[str
         reply = _handle(phase, rnd, payload, node_config, run_config)
         check_payload(reply, f"reply to {phase!r}")
     except Exception:  # noqa: BLE001 - the reason travels back to the server
+        _forget_models()  # a model trained in place by the failed phase must not be reused
         return {"error": traceback.format_exc(limit=20)}
     reply["_seconds"] = time.perf_counter() - t0
     return reply
+
+
+def _forget_models() -> None:
+    from lada.protocol import node
+
+    node._MODEL_CACHE.clear()
 
 
 def client_index(node_config: dict[str, Any]) -> int:
@@ -182,9 +296,14 @@ def client_index(node_config: dict[str, Any]) -> int:
 
 def client_workspace(k: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> Path:
     """Where client k keeps its state. A SuperNode on another machine names a local
-    folder with ``--node-config "workspace=/path"``; otherwise the run directory is shared."""
+    folder with ``--node-config "workspace=/path"``, where each run keeps its own
+    folder under its run id (unique per submission, so runs that share a name never
+    share state); otherwise the run directory is shared."""
     if node_config.get("workspace"):
-        return Path(str(node_config["workspace"])) / str(run_config.get("run-name", "run")) / f"client-{k}"
+        run_id = str(run_config.get("run-id", "") or "")
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise KeyError(f"run config has no valid 'run-id' ({run_id!r}); start runs with `lada run`")
+        return Path(str(node_config["workspace"])) / run_id / f"client-{k}"
     if not run_config.get("run-dir"):
         raise KeyError("run config has no 'run-dir' and the node config no 'workspace'")
     return Path(str(run_config["run-dir"])) / "nodes" / f"client-{k}"
@@ -193,9 +312,13 @@ def client_workspace(k: int, node_config: dict[str, Any], run_config: dict[str, 
 def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any], run_config: dict[str, Any]) -> Payload:
     from lada.protocol.node import ClientNode
 
+    from lada.protocol.commit import snapshot, sync_working
+
     k = client_index(node_config)
     if phase == "hello":
         return {"partition_id": k}
+    base = payload.pop("_base", None)  # the last round of this client the server committed
+    attempt = str(payload.pop("_attempt", ""))
     ws = client_workspace(k, node_config, run_config)
     if phase == "setup":
         ws.mkdir(parents=True, exist_ok=True)
@@ -204,6 +327,8 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     if not cfg_file.exists():
         raise FederationError(f"client-{k}: {cfg_file} missing; the server must send 'setup' first")
     cfg = _config_from_text(cfg_file.read_text())
+    if base is not None:
+        sync_working(ws, int(base), rnd, phase, attempt)
     node = ClientNode(cfg, k, ws)
     if phase == "setup":
         lm = node.model()
@@ -217,6 +342,8 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
         reply: Payload = {"accuracy": float(res.accuracy), "n": int(res.n)}
         reply.update({f"m_{name}": v for name, v in node.pop_metrics().items()})
         node.save_state()
+        if base is not None:
+            snapshot(ws, rnd)  # this round's state, kept until the server commits a later one
         return reply
     from lada.hosts import make_host
     from lada.plugin import make_plugin
@@ -248,33 +375,65 @@ def _config_from_text(text: str):
 
 # ----------------------------------------------------------------------------- server side entry
 
-def serve(cfg, transport: Transport, progress: Callable[[str], None] = print) -> list[dict]:
+def serve(cfg, transport: Transport, progress: Callable[[str], None] = print, resume: bool = False,
+          run_id: str = "") -> list[dict]:
     """What the server does for a whole run: build its node, host and plug-in, run the
-    rounds and append every metric row to ``<run_dir>/metrics.jsonl``. Returns the rows."""
+    rounds and append every metric row to ``<run_dir>/metrics.jsonl``; each round is
+    committed to ``<run_dir>/commit.json`` after its rows. With ``resume`` the run
+    continues after the last committed round (rows of later rounds are dropped and the
+    server's state goes back to that round). Returns the rows of this call."""
     import json
 
     from lada.hosts import make_host
     from lada.plugin import make_plugin
+    from lada.protocol.commit import read_commit, restore, write_commit
     from lada.protocol.node import ServerNode, server_workspace
 
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    committed = read_commit(run_dir) if resume else None
+    if resume:
+        if committed is None:
+            raise FederationError(f"{run_dir}: nothing to resume, no round was committed (no commit.json)")
+        run_id = run_id or str(committed.get("run_id", ""))
+        restore(server_workspace(cfg), int(committed["round"]))
+        _truncate_metrics(metrics_path, int(committed["round"]))
+        progress(f"resuming after committed round {committed['round']}")
+    else:
+        metrics_path.unlink(missing_ok=True)
     server = ServerNode(cfg, server_workspace(cfg))
     plugin = make_plugin(cfg)
     host = make_host(cfg, plugin)
     all_rows: list[dict] = []
-    metrics_path = run_dir / "metrics.jsonl"
 
     def on_round(rnd: int, rows: list[dict]) -> None:
         with metrics_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(strict_json_row(row), sort_keys=True, allow_nan=False) + "\n")
         all_rows.extend(rows)
-        accs = "  ".join(f"{r['participant']}={r['accuracy']:.3f}" for r in rows)
+        accs = "  ".join(f"{r['participant']}={r['accuracy']:.3f}" if r.get("accuracy") is not None
+                         else f"{r['participant']}=failed" for r in rows)
         progress(f"round {rnd}: {accs}")
 
-    run_federation(cfg, transport, server, host, plugin, on_round, progress)
+    def on_commit(rnd: int, clients: dict[int, int]) -> None:
+        write_commit(run_dir, {"run_id": run_id, "round": rnd, "rounds": cfg.rounds,
+                               "clients": {str(k): r for k, r in sorted(clients.items())}})
+
+    run_federation(cfg, transport, server, host, plugin, on_round, progress, committed, on_commit)
     if not server.model_dir.exists():  # hosts that never update the LLM: keep its checkpoint with the run too
         server.save_model(server.model())
     (run_dir / "DONE").write_text("ok\n")
     return all_rows
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Keep only the rows of rounds up to ``last_round`` (later ones were not committed)."""
+    import json
+
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] <= last_round]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    tmp.replace(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from lada.data.partition import FederatedData
     from lada.models.loading import LoadedModel
 
-# (workspace, version) -> LoadedModel, for the process's lifetime.
+# workspace -> ((version, save id), LoadedModel), for the process's lifetime.
 _MODEL_CACHE: dict[str, tuple[int, "LoadedModel"]] = {}
 
 
@@ -88,7 +89,7 @@ class Node:
         from lada.models.loading import load_model
 
         key = str(self.workspace.resolve())
-        version = int(self.state.get("model_version", 0))
+        version = self._model_token()
         hit = _MODEL_CACHE.get(key)
         if hit and hit[0] == version:
             return hit[1]
@@ -96,6 +97,11 @@ class Node:
         lm = load_model(self.model_cfg, path)
         _MODEL_CACHE[key] = (version, lm)
         return lm
+
+    def _model_token(self) -> tuple[int, str]:
+        # The version alone can repeat after a rollback to a committed round (see
+        # lada.protocol.commit); the id of each save cannot.
+        return int(self.state.get("model_version", 0)), str(self.state.get("model_id", ""))
 
     def save_model(self, lm: "LoadedModel") -> None:
         """Persist an updated model; the new version invalidates other processes' caches."""
@@ -111,8 +117,9 @@ class Node:
         else:
             tmp.rename(self.model_dir)
         self.state["model_version"] = int(self.state.get("model_version", 0)) + 1
+        self.state["model_id"] = uuid.uuid4().hex
         self.save_state()
-        _MODEL_CACHE[str(self.workspace.resolve())] = (self.state["model_version"], lm)
+        _MODEL_CACHE[str(self.workspace.resolve())] = (self._model_token(), lm)
 
     @cached_property
     def data(self) -> "FederatedData":
