@@ -77,8 +77,8 @@ def test_signal_stops_every_process_and_removes_temporary_homes(engine, sig, cod
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: set[int] = set()
     try:
-        # inside the run: the ServerApp runs and the clients evaluate round 0
-        _wait_for(run_dir / "server.log", "round 0/3: evaluate", proc, 180, seen, tmp)
+        # well inside the run: round 0 is committed and the clients work on round 1
+        _wait_for(run_dir / "server.log", "round 1/3", proc, 180, seen, tmp)
         seen.update(_started_by(proc.pid, tmp))
         assert any(_alive(p) for p in seen)
         t0 = time.monotonic()
