@@ -52,26 +52,42 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lada.config import load_config
-    from lada.data import build_federated_data
-    from lada.data.loaders import load_dataset
+    from lada.config import ConfigError, load_config
+    from lada.data import LoadReport, build_federated_data
+    from lada.data.loaders import LOADERS, DataFormatError, load_dataset
     from lada.models.generation import evaluate
     from lada.models.loading import load_model
 
     ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such model directory")
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit: must be >= 0 (0: every example), got {args.limit}")
     cfg_path = Path(args.config) if args.config else _find_run_config(ckpt)
     cfg = load_config(cfg_path)
     part = args.participant or _participant_of(ckpt)
+    valid = ["llm", *(f"client-{k}" for k in range(len(cfg.clients)))]
+    if part not in valid:
+        raise ConfigError(f"--participant: {part!r} is not a participant of {cfg_path}; choose from {valid}")
     model_cfg = cfg.server if part == "llm" else cfg.clients[int(part.split("-")[1])]
-    lm = load_model(model_cfg, ckpt)
-    if args.data:
+    if args.data:  # read the data before the model: a bad --data fails fast
         source, _, path = args.data.partition(":")
-        examples = load_dataset(source, path)
+        if source not in LOADERS:
+            raise ConfigError(f"--data: unknown source {source!r}; choose from {sorted(LOADERS)} "
+                              "(SOURCE or SOURCE:PATH; the synthetic task is evaluated without --data)")
+        if source == "jsonl" and not path:
+            raise ConfigError("--data: source 'jsonl' needs a path: --data jsonl:FILE")
+        report = LoadReport()
+        examples = load_dataset(source, path, report=report)
+        print(f"{args.data}: {report}", file=sys.stderr)
     else:
         data = build_federated_data(cfg.data, cfg.data.seed)
         examples = data.server_test if part == "llm" else data.clients[int(part.split("-")[1])].test
     if args.limit:
         examples = examples[: args.limit]
+    if not examples:
+        raise DataFormatError(f"no examples to evaluate {part} on")
+    lm = load_model(model_cfg, ckpt)
     res = evaluate(lm, examples, cfg.generation)
     print(f"{part} @ {ckpt}: accuracy {res.accuracy:.4f} on {res.n} examples")
     for steps, acc in sorted(getattr(res, "by_steps", {}).items()):
@@ -83,7 +99,7 @@ def _find_run_config(ckpt: Path) -> Path:
     for parent in [ckpt, *ckpt.parents]:
         if (parent / "config.toml").exists() and (parent / "metrics.jsonl").exists():
             return parent / "config.toml"
-    raise SystemExit(f"{ckpt}: no run directory above it; pass --config")
+    raise FileNotFoundError(f"{ckpt}: no run directory above it; pass --config")
 
 
 def _participant_of(ckpt: Path) -> str:
@@ -92,7 +108,7 @@ def _participant_of(ckpt: Path) -> str:
             return "llm"
         if part.name.startswith("client-"):
             return part.name
-    raise SystemExit(f"{ckpt}: cannot tell whose checkpoint this is; pass --participant llm|client-K")
+    raise FileNotFoundError(f"{ckpt}: cannot tell whose checkpoint this is; pass --participant llm|client-K")
 
 
 def cmd_warmup(args) -> int:
@@ -163,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="run config (default: the run directory's config.toml)")
     e.add_argument("--participant", default=None, help="llm or client-K (default: from the path)")
     e.add_argument("--data", default=None, help="SOURCE[:PATH], e.g. gsm8k or jsonl:my.jsonl (default: the participant's test set)")
-    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
     e.set_defaults(func=cmd_eval)
 
     w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies")

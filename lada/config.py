@@ -29,6 +29,10 @@ DATA_SOURCES = ("synthetic", "gsm8k", "strategyqa", "aqua", "jsonl")
 PARTITIONS = ("domain", "dirichlet", "iid")
 ENGINES = ("simulation", "deployment", "inline")
 DTYPES = ("float32", "bfloat16", "float16")
+# Positions of the tiny families (lada.models.tiny.MAX_POSITIONS; a test keeps them equal):
+# generation needs room for the prompt, so max_new_tokens must stay below it.
+TINY_MAX_POSITIONS = 512
+MAX_SEED = 2**31 - 1  # seeds also feed torch and per-participant offsets (seed * 1000 + k)
 
 
 @dataclass
@@ -61,6 +65,12 @@ class ModelConfig:
         # sizes first: num_heads = 0 must be a config error, not a ZeroDivisionError below
         check_positive(self, where, "hidden_size", "num_layers", "num_heads", "vocab_size", "warmup_batch_size")
         check_non_negative(self, where, "lora_r", "warmup_steps")
+        check_positive(self, where, "lora_alpha", "warmup_lr")
+        check_range(self, where, "lora_dropout", 0, 1, hi_open=True)
+        if not self.is_tiny:
+            _check_model_name(self, where)
+        if self.checkpoint and not Path(self.checkpoint).expanduser().is_dir():
+            raise ConfigError(f"{where}.checkpoint: {self.checkpoint!r} is not a directory")
         if self.is_tiny and self.hidden_size % self.num_heads:
             raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -93,6 +103,24 @@ class DataConfig:
             raise ConfigError(f"{where}.path: required when source = 'jsonl'")
         check_positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size",
                        "server_test_size", "dirichlet_alpha")
+        check_non_negative(self, where, "server_train_size")
+
+    def validate_domains(self, where: str) -> None:
+        """The synthetic task needs exactly one known client domain per client."""
+        if self.source != "synthetic":
+            return
+        from lada.data.synthetic import CLIENT_DOMAINS
+
+        if len(self.domains) != self.num_clients:
+            raise ConfigError(f"{where}.domains: {len(self.domains)} domain(s) {self.domains} for "
+                              f"num_clients = {self.num_clients}; the synthetic task needs one per client, "
+                              f"from {list(CLIENT_DOMAINS)}")
+        for i, d in enumerate(self.domains):
+            if d not in CLIENT_DOMAINS:
+                raise ConfigError(f"{where}.domains[{i}]: {d!r} is not a synthetic client domain; "
+                                  f"choose from {list(CLIENT_DOMAINS)}")
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"{where}.domains: each client needs its own domain, got {self.domains}")
 
 
 @dataclass
@@ -109,7 +137,8 @@ class TrainConfig:
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "lr", "batch_size", "max_length")
-        check_non_negative(self, where, "local_steps", "server_steps")
+        check_non_negative(self, where, "local_steps", "server_steps", "weight_decay")
+        check_positive(self, where, "grad_clip")
 
 
 @dataclass
@@ -135,7 +164,10 @@ class EngineConfig:
 
     kind: str = "simulation"  # simulation | deployment | inline (one process, no Flower; for debugging)
     superlink: str = ""  # deployment: address of the SuperLink's control API (empty: local federation)
-    insecure: bool = True
+    # Remote SuperLink: TLS unless insecure = true. A local federation (no superlink) is
+    # bound to 127.0.0.1 and runs without TLS unless `lada federation up --tls` made it.
+    insecure: bool = False
+    root_certificates: str = ""  # PEM CA bundle that signed the SuperLink's certificate (TLS)
     cpus_per_client: float = 1.0  # simulation: Ray CPU share of one ClientApp
     reply_timeout_s: float = 3600.0  # per phase: a client silent this long drops out of the round
     # A round goes on with the clients that answered as long as at least this many did
@@ -144,8 +176,10 @@ class EngineConfig:
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "kind", ENGINES)
-        check_positive(self, where, "reply_timeout_s")
+        check_positive(self, where, "cpus_per_client", "reply_timeout_s")
         check_non_negative(self, where, "min_clients")
+        if self.root_certificates and not Path(self.root_certificates).expanduser().is_file():
+            raise ConfigError(f"{where}.root_certificates: {self.root_certificates!r} is not a file")
 
 
 @dataclass
@@ -175,6 +209,8 @@ class RunConfig:
 
     def validate(self, where: str = "config") -> None:
         check_positive(self, where, "rounds")
+        check_range(self, where, "seed", 0, MAX_SEED)
+        check_range(self.data, f"{where} [data]", "seed", 0, MAX_SEED)
         for name, sub in (("data", self.data), ("server", self.server), ("train", self.train),
                           ("generation", self.generation), ("engine", self.engine)):
             sub.validate(f"{where} [{name}]")
@@ -187,6 +223,13 @@ class RunConfig:
                               f"({len(self.clients)}), got {self.engine.min_clients}")
         for k, c in enumerate(self.clients):
             c.validate(f"{where} [[clients]] #{k}")
+        self.data.validate_domains(f"{where} [data]")
+        if any(m.is_tiny for m in [self.server, *self.clients]):
+            for name, v in (("generation.max_new_tokens", self.generation.max_new_tokens),
+                            ("train.max_length", self.train.max_length)):
+                if v >= TINY_MAX_POSITIONS:
+                    raise ConfigError(f"{where} [{name.split('.')[0]}].{name.split('.')[1]}: must be < "
+                                      f"{TINY_MAX_POSITIONS} (the tiny models' positions), got {v}")
         # Host and plug-in options are checked by their own config dataclasses.
         from lada.hosts import host_config
         from lada.plugin import plugin_config
@@ -232,11 +275,27 @@ def check_non_negative(obj: Any, where: str, *names: str) -> None:
             raise ConfigError(f"{where}.{n}: must be >= 0, got {getattr(obj, n)!r}")
 
 
-def check_range(obj: Any, where: str, name: str, lo: float, hi: float, lo_open: bool = False) -> None:
-    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``)."""
+def check_range(obj: Any, where: str, name: str, lo: float, hi: float, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``, ``value < hi`` with ``hi_open``)."""
     v = getattr(obj, name)
-    if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
-        raise ConfigError(f"{where}.{name}: must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+    if not ((lo < v) if lo_open else (lo <= v)) or not ((v < hi) if hi_open else (v <= hi)):
+        raise ConfigError(f"{where}.{name}: must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, "
+                          f"got {v!r}")
+
+
+def _check_model_name(m: "ModelConfig", where: str) -> None:
+    """A name that is not a tiny family must be a local model directory or a hub name
+    (``org/model``); a path that does not exist is an error here, not deep in a load."""
+    p = Path(m.name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{where}.name: {m.name!r} is a file; a local model is a directory")
+        return
+    looks_like_path = m.name.startswith((".", "/", "~")) or m.name.count("/") > 1 or "\\" in m.name
+    if looks_like_path or not m.name.strip() or any(c.isspace() for c in m.name):
+        raise ConfigError(f"{where}.name: {m.name!r} is neither a tiny family {TINY_FAMILIES} nor an existing "
+                          "model directory")
 
 
 def check_choice(obj: Any, where: str, name: str, choices: tuple) -> None:
@@ -312,35 +371,56 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
     for ov in overrides or []:
         apply_override(data, ov, str(path))
     return config_from_dict(data, str(path))
 
 
 def apply_override(data: dict, override: str, where: str = "override") -> None:
-    """Apply ``a.b.c=value`` (value parsed as TOML, else taken as a string)."""
+    """Apply ``a.b.c=value`` (value parsed as TOML, else taken as a string). A list of
+    tables (``[[clients]]``) is indexed by number: ``clients.1.lora_r=8``."""
     if "=" not in override:
         raise ConfigError(f"{where}: override {override!r} must look like key.path=value")
     key, raw = override.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError):
         value = raw
-    node = data
     parts = key.strip().split(".")
-    for p in parts[:-1]:
-        if p.isdigit() and isinstance(node, list):
-            node = node[int(p)]
+    if not key.strip() or any(not p.strip() for p in parts):
+        raise ConfigError(f"{where}: override {override!r}: empty key part in {key.strip()!r}")
+    node: Any = data
+    for i, p in enumerate(parts):
+        here = ".".join(parts[:i]) or "the config"
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit():
+                raise ConfigError(f"{where}: override {key.strip()!r}: {here} is a list; "
+                                  f"index it by number ({here}.0.{'.'.join(parts[i:])}), not {p!r}")
+            if int(p) >= len(node):
+                raise ConfigError(f"{where}: override {key.strip()!r}: {here} has {len(node)} entr"
+                                  f"{'y' if len(node) == 1 else 'ies'}, no index {p}")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
         else:
-            node = node.setdefault(p, {})
-    last = parts[-1]
-    if last.isdigit() and isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise ConfigError(f"{where}: override {key.strip()!r}: {here} is a {type(node).__name__} "
+                              f"({node!r}), not a table")
 
 
 def dump_toml(d: dict) -> str:

@@ -229,3 +229,57 @@ def test_verify_path():
     assert not verify_path("2+2=<<2+2=5>>5\n#### 4", ex)  # wrong step, right answer
     opt = Example("t-2", "q", "36 fits", "A", "option", options=("A)36", "B)15"))
     assert verify_path("36 fits\n#### 36", opt)
+
+
+# ----------------------------------------------------------------------------- stated-answer forms
+
+@pytest.mark.parametrize("text, want", [
+    ("#### 1 1/2", "1.5"),  # a mixed number, not 1
+    ("#### -2 3/4 cups", "-2.75"),
+    ("#### 1e3", "1000"),
+    ("#### 2.5E-2", "0.025"),
+    ("#### 1 000", "1000"),  # thousands grouped by spaces
+    ("#### 12 345 678.5", "12345678.5"),
+    ("#### 3 5", "3"),  # not a grouping: the first number
+    ("#### 12 apples", "12"),
+    ("#### 1 0000", "1"),  # a group of four digits is no grouping
+    ("steps: 1 1/2 hours then 7", "7"),  # free text keeps the old reading
+])
+def test_extract_stated_number_forms(text, want):
+    assert extract_answer(text, "number") == want
+
+
+def test_gold_numbers_in_every_stated_form():
+    assert canonical_gold("1e-07", "number") == "0.0000001"
+    assert canonical_gold("1e+20", "number") == "100000000000000000000"
+    assert canonical_gold("1 1/2", "number") == "1.5"
+    assert canonical_gold("1 000", "number") == "1000"
+    assert canonical_gold("1 1/0", "number") is None
+    assert is_correct("#### 1 1/2", "1.5", "number") and not is_correct("#### 1 1/2", "1", "number")
+
+
+OPTS = ("A) park", "B) school", "C) mall")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("#### mall", "C"),
+    ("#### The mall.", "C"),
+    ("#### MALL", "C"),
+    ("#### C", "C"),
+    ("#### (B)", "B"),
+    ("#### cinema", None),
+])
+def test_option_given_as_its_text(text, want):
+    assert extract_answer(text, "option", OPTS) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("#### not true", "no"),
+    ("#### Not yes", "no"),
+    ("#### not false", "yes"),
+    ("#### it is not true", "no"),
+    ("#### true", "yes"),
+    ("#### no", "no"),
+])
+def test_negated_yes_no(text, want):
+    assert extract_answer(text, "yesno") == want

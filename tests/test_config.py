@@ -8,7 +8,7 @@ import tomllib
 
 
 def _minimal(**extra):
-    d = {"data": {"num_clients": 2}, "clients": [{"name": "tiny-qwen2"}, {"name": "tiny-gpt2"}]}
+    d = {"data": {"num_clients": 2, "domains": ["shop", "farm"]}, "clients": [{"name": "tiny-qwen2"}, {"name": "tiny-gpt2"}]}
     d.update(extra)
     return d
 

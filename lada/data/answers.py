@@ -68,17 +68,65 @@ def find_numbers(text: str) -> list[str]:
     return out
 
 
+# Forms only read from a stated answer (after ``####``, or a gold answer), never picked out
+# of free text, where they would misread "3 5" or "2 1/2 hours later": a mixed number
+# ``1 1/2``, thousands grouped by spaces ``1 000`` and scientific notation ``1e3``.
+_STATED_NUMBER_RE = re.compile(
+    r"\s*(?P<sign>[-\u2212+]?)\s?\$?\s?(?:"
+    r"(?P<whole>\d+)\s+(?P<fnum>\d+)\s*/\s*(?P<fden>\d+)"
+    r"|(?P<spaced>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?:\.\d+)?)"
+    r"|(?P<sci>(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d{1,3})"
+    r")(?![\d.,/]|[eE]\d)"
+)
+
+
+def _stated_number(text: str) -> tuple[str | None, int]:
+    """``(canonical, end)`` of a number in one of the stated-answer forms at the start of
+    ``text``, or ``(None, 0)``."""
+    m = _STATED_NUMBER_RE.match(text)
+    if m is None:
+        return None, 0
+    try:
+        if m["whole"] is not None:
+            den = int(m["fden"])
+            if den == 0:
+                return None, 0
+            value = Decimal(int(m["whole"])) + Decimal(int(m["fnum"])) / Decimal(den)
+        elif m["spaced"] is not None:
+            value = Decimal(re.sub(r"\s", "", m["spaced"]))
+        else:
+            value = Decimal(m["sci"])
+    except InvalidOperation:
+        return None, 0
+    value = -value if m["sign"] in ("-", "\u2212") else value
+    return _canonical(value), m.end()
+
+
+def _answer_number(seg: str) -> str | None:
+    """The number an answer line states: a stated-answer form at its start, else the first
+    number token in it."""
+    value, _ = _stated_number(seg)
+    if value is not None:
+        return value
+    nums = find_numbers(seg)
+    return nums[0] if nums else None
+
+
 def canonical_number(text: str) -> str | None:
     """Canonical form of a string that *is* a number (gold answers): ``"1,234"`` -> ``"1234"``,
-    ``"-$5.50"`` -> ``"-5.5"``, ``"3.0"`` -> ``"3"``. ``None`` if it is not exactly one number
-    (a trailing period, ``%`` or ``$`` is tolerated)."""
+    ``"-$5.50"`` -> ``"-5.5"``, ``"3.0"`` -> ``"3"``, ``"1 1/2"`` -> ``"1.5"``, ``"1e3"`` ->
+    ``"1000"``, ``"1 000"`` -> ``"1000"``. ``None`` if it is not exactly one number (a trailing
+    period, ``%`` or ``$`` is tolerated)."""
     s = text.strip().rstrip(".").strip()
     s = s.removesuffix("%").strip()
+    value, end = _stated_number(s)
+    if value is not None and end == len(s):
+        return value
     m = _NUMBER_RE.fullmatch(s) or _NUMBER_RE.fullmatch(s.replace("$", "", 1))
     if m is None:
         return None
-    value = _to_decimal(m["sign"], m["num"])
-    return None if value is None else _canonical(value)
+    dec = _to_decimal(m["sign"], m["num"])
+    return None if dec is None else _canonical(dec)
 
 
 def numbers_equal(a: str, b: str) -> bool:
@@ -136,6 +184,34 @@ def _letter_in_segment(seg: str, letters: str) -> str | None:
     return None
 
 
+def option_body(option: str) -> str:
+    """An option's text without its label: ``"mall"`` for ``"C) mall"``."""
+    return re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", option)
+
+
+def _norm_text(text: str) -> str:
+    """Lower case, no punctuation, no leading article, single spaces (to compare option texts)."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    if len(words) > 1 and words[0] in ("the", "a", "an"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def _option_by_text(seg: str, options: tuple[str, ...] | list[str]) -> str | None:
+    """Map an answer line that states an option's text (``mall`` for ``C) mall``) to its letter."""
+    said = _norm_text(seg)
+    if not said:
+        return None
+    hits = [letter for letter, opt in zip(_option_letters(options), options) if _norm_text(option_body(opt)) == said]
+    return hits[0] if len(hits) == 1 else None
+
+
+def option_letter_of_text(text: str, options: tuple[str, ...] | list[str]) -> str | None:
+    """The letter of the one option whose text is ``text`` (case, punctuation and a leading
+    article ignored), or None."""
+    return _option_by_text(text, options)
+
+
 def _option_by_value(seg: str, options: tuple[str, ...] | list[str]) -> str | None:
     """Map an answer line that states an option's value (``36`` for ``A)36``) to its letter."""
     value = canonical_number(seg)
@@ -143,8 +219,7 @@ def _option_by_value(seg: str, options: tuple[str, ...] | list[str]) -> str | No
         return None
     letters = _option_letters(options)
     for letter, opt in zip(letters, options):
-        body = re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", opt)
-        other = canonical_number(body)
+        other = canonical_number(option_body(opt))
         if other is not None and numbers_equal(value, other):
             return letter
     return None
@@ -161,8 +236,7 @@ def extract_answer(text: str, answer_type: str, options: tuple[str, ...] | list[
     seg = answer_segment(text)
     if answer_type == "number":
         if seg is not None:
-            nums = find_numbers(seg)
-            return nums[0] if nums else None
+            return _answer_number(seg)
         phrases = re.findall(rf"{_ANSWER_PHRASE}(\S[^\n]*)", text)
         for phrase in reversed(phrases):
             nums = find_numbers(phrase)
@@ -173,6 +247,12 @@ def extract_answer(text: str, answer_type: str, options: tuple[str, ...] | list[
     if answer_type == "option":
         letters = _option_letters(options)
         if seg is not None:
+            if options and not re.fullmatch(r"[\s(\[]*[A-Za-z][\s)\].:]*", seg):
+                # an answer line that is exactly one option's text names that option
+                # ("#### mall"), even when the text holds a capital letter of its own
+                by_text = _option_by_text(seg, options)
+                if by_text:
+                    return by_text
             return _letter_in_segment(seg, letters) or (_option_by_value(seg, options) if options else None)
         both = f"[{letters}{letters.lower()}]"
         for p in (rf"{_OPTION_WORD}\(?({both})\b|{_ANSWER_PHRASE}\(?([{letters}])\b",
@@ -185,7 +265,12 @@ def extract_answer(text: str, answer_type: str, options: tuple[str, ...] | list[
     if answer_type == "yesno":
         if seg is not None:
             m = _YESNO_RE.search(seg)
-            return _yesno(m.group(1)) if m else None
+            if m is None:
+                return None
+            # "#### not true" is "no" (and "not false" "yes")
+            negated = re.search(r"\b(?:not|isn't|is not|never)\s*$", seg[:m.start()], re.IGNORECASE)
+            word = _yesno(m.group(1))
+            return ("no" if word == "yes" else "yes") if negated else word
         phrases = re.findall(rf"{_ANSWER_PHRASE}((?i:yes|no|true|false))\b", text)
         if phrases:
             return _yesno(phrases[-1])

@@ -17,11 +17,13 @@ import gzip
 import json
 import logging
 import re
+import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lada.data.answers import canonical_gold
+from lada.data.answers import canonical_gold, check_steps, option_letter_of_text
 from lada.data.records import ANSWER_MARKER, ANSWER_TYPES, Example
 
 log = logging.getLogger(__name__)
@@ -38,19 +40,33 @@ JSONL_FIELDS = ("id", "question", "rationale", "answer", "answer_type", "domain"
 JSONL_REQUIRED = ("question", "rationale", "answer", "answer_type")
 
 
+# Longer texts are cut at load (and counted in the LoadReport, with a warning): no model
+# here reads past a few hundred tokens, and a runaway field must not fill the memory of
+# every tokenizer and batch downstream.
+MAX_QUESTION_CHARS = 4_000
+MAX_RATIONALE_CHARS = 8_000
+MAX_OPTION_CHARS = 500
+MAX_OPTIONS = 26  # option letters A..Z
+
+
 class DataFormatError(ValueError):
     """A data file is malformed; the message names the file, the line or record and the field."""
 
 
 @dataclass
 class LoadReport:
-    """What a load skipped (only with ``skip_bad=True``): ``(file, location, reason)`` triples."""
+    """What a load skipped (only with ``skip_bad=True``), truncated and flagged, each as
+    ``(file, location, reason)`` triples. ``bad_rationales`` are gold rationales that fail
+    the calculator check (a wrong ``<<expr=value>>`` note): loaded, but counted."""
 
     loaded: int = 0
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    truncated: list[tuple[str, str, str]] = field(default_factory=list)
+    bad_rationales: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"{self.loaded} loaded, {len(self.skipped)} skipped"
+        return (f"{self.loaded} loaded, {len(self.skipped)} skipped, {len(self.truncated)} truncated, "
+                f"{len(self.bad_rationales)} with a wrong calculator note in the gold rationale")
 
 
 class _Bad(Exception):
@@ -106,7 +122,10 @@ def _read_text(path: Path) -> str:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 return f.read()
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1 if isinstance(e.object, bytes) else "?"
+        raise DataFormatError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot read: {e}") from None
 
 
@@ -129,6 +148,10 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
             rec: Any = json.loads(line)
         except json.JSONDecodeError as e:
             rec = _Bad("<json>", f"invalid JSON: {e.msg} at column {e.colno}")
+        except RecursionError:
+            rec = _Bad("<json>", "invalid JSON: nested too deeply")
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            rec = _Bad("<json>", f"invalid JSON: {str(e).splitlines()[0][:120]}")
         yield index, f"line {lineno}", rec
         index += 1
 
@@ -149,6 +172,11 @@ def _array_records(path: Path, text: str) -> Iterator[tuple[int, str, Any]]:
         except json.JSONDecodeError as e:
             # The rest of the array cannot be located reliably: this stops the load even with skip_bad.
             raise DataFormatError(f"{path}: record {index} (line {e.lineno}): invalid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise DataFormatError(f"{path}: record {index} (line {lineno}): invalid JSON: nested too deeply") from None
+        except ValueError as e:
+            raise DataFormatError(f"{path}: record {index} (line {lineno}): invalid JSON: "
+                                  f"{str(e).splitlines()[0][:120]}") from None
         yield index, f"record {index} (line {lineno})", rec
         index += 1
         pos = _skip_ws(text, pos)
@@ -171,9 +199,13 @@ def _load(path: str | Path, source: str, parse: Callable[[dict, str], Example], 
     out: list[Example] = []
     seen: dict[str, str] = {}
     skipped = 0
+    report = report if report is not None else LoadReport()
+    n_trunc, n_bad_rat = len(report.truncated), len(report.bad_rationales)
     for file in _files(path, source):
         split = split_name(file)
+        n_records = 0
         for index, where, rec in _records(file):
+            n_records += 1
             try:
                 if isinstance(rec, _Bad):
                     raise rec
@@ -182,22 +214,53 @@ def _load(path: str | Path, source: str, parse: Callable[[dict, str], Example], 
                 ex = parse(rec, f"{source}-{split}-{index:05d}")
                 if ex.id in seen:
                     raise _Bad("id", f"duplicate id {ex.id!r} (first at {seen[ex.id]})")
+                ex = _truncate(ex, str(file), where, report)
+                steps = check_steps(ex.rationale)
+                if not steps.all_ok:
+                    report.bad_rationales.append(
+                        (str(file), where, f"field 'rationale': {steps.n_wrong} wrong calculator note(s), "
+                                           f"first on rationale line {steps.first_wrong_line}"))
             except _Bad as e:
                 msg = f"{file}: {where}: {e}"
                 if not skip_bad:
                     raise DataFormatError(msg) from None
                 log.warning("skipping bad record: %s", msg)
                 skipped += 1
-                if report is not None:
-                    report.skipped.append((str(file), where, str(e)))
+                report.skipped.append((str(file), where, str(e)))
                 continue
             seen[ex.id] = f"{file}: {where}"
             out.append(ex)
-    if report is not None:
-        report.loaded += len(out)
+        if n_records == 0:
+            raise DataFormatError(f"{file}: no records (empty file)")
+    report.loaded += len(out)
     if skipped:
         log.warning("%s: skipped %d bad record(s), loaded %d", path, skipped, len(out))
+    if not out:
+        raise DataFormatError(f"{path}: no usable records ({skipped} bad record(s) skipped)")
+    if len(report.truncated) > n_trunc:
+        first = report.truncated[n_trunc]
+        log.warning("%s: truncated %d over-long field(s), e.g. %s: %s", path, len(report.truncated) - n_trunc,
+                    first[1], first[2])
+    if len(report.bad_rationales) > n_bad_rat:
+        first = report.bad_rationales[n_bad_rat]
+        log.warning("%s: %d gold rationale(s) with a wrong calculator note (loaded anyway), e.g. %s: %s", path,
+                    len(report.bad_rationales) - n_bad_rat, first[1], first[2])
     return out
+
+
+def _truncate(ex: Example, file: str, where: str, report: LoadReport) -> Example:
+    """Cut over-long fields (counted in ``report``): the question and rationale at their
+    limits, each option at MAX_OPTION_CHARS."""
+    changes = {}
+    for name, limit in (("question", MAX_QUESTION_CHARS), ("rationale", MAX_RATIONALE_CHARS)):
+        text = getattr(ex, name)
+        if len(text) > limit:
+            changes[name] = text[:limit]
+            report.truncated.append((file, where, f"field {name!r}: {len(text):,} characters cut to {limit:,}"))
+    if any(len(o) > MAX_OPTION_CHARS for o in ex.options):
+        changes["options"] = tuple(o[:MAX_OPTION_CHARS] for o in ex.options)
+        report.truncated.append((file, where, f"field 'options': option(s) cut to {MAX_OPTION_CHARS} characters"))
+    return dataclasses.replace(ex, **changes) if changes else ex
 
 
 # ----------------------------------------------------------------------------- field helpers
@@ -209,7 +272,86 @@ def _get(rec: dict, name: str, types: type | tuple[type, ...]) -> Any:
     if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
         want = " or ".join(t.__name__ for t in _as_tuple(types))
         raise _Bad(name, f"expected {want}, got {type(value).__name__}")
+    if isinstance(value, str):
+        _check_text(value, name)
     return value
+
+
+def _check_text(value: str, name: str) -> None:
+    """JSON allows lone surrogates (``"\\ud800"``), which no UTF-8 file or tokenizer can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(name, f"invalid unicode (a lone surrogate at character {e.start})") from None
+
+
+_LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)")
+
+
+def _options(rec: dict, answer_type: str, label_bare: bool) -> tuple[str, ...]:
+    """The ``options`` list, checked: non-empty strings, labels ``A) B) C) ...`` unique and in
+    order (bare texts are labelled when ``label_bare``; labelled and bare may not mix)."""
+    opts = _get(rec, "options", list)
+    if answer_type != "option":
+        raise _Bad("options", f"given, but answer_type is {answer_type!r}; options belong to 'option' questions")
+    if not opts:
+        raise _Bad("options", "empty list")
+    if len(opts) > MAX_OPTIONS:
+        raise _Bad("options", f"{len(opts)} options; at most {MAX_OPTIONS} (letters A-Z)")
+    out = []
+    labelled = None
+    for i, opt in enumerate(opts):
+        if not isinstance(opt, str) or not opt.strip():
+            raise _Bad(f"options[{i}]", "expected a non-empty string")
+        _check_text(opt, f"options[{i}]")
+        m = _LABEL_RE.match(opt)
+        if labelled is None:
+            labelled = bool(m) or not label_bare
+        want = chr(65 + i)
+        if labelled:
+            if not m:
+                raise _Bad(f"options[{i}]", f"{opt.strip()[:40]!r} has no label; expected '{want}) ...' "
+                                            "(label every option, or none)")
+            if m.group(1).upper() != want:
+                seen = [o for o in out if o.startswith(m.group(1).upper() + ")")]
+                what = "repeats" if seen else "is out of order"
+                raise _Bad(f"options[{i}]", f"label {m.group(1)!r} {what}; expected {want!r} "
+                                            "(labels run A, B, C, ... in order)")
+            body = opt[m.end():].strip()
+            if not body:
+                raise _Bad(f"options[{i}]", f"label {want!r} has no text")
+            out.append(opt.strip())
+        else:
+            if m:
+                raise _Bad(f"options[{i}]", f"{opt.strip()[:40]!r} is labelled but earlier options are not "
+                                            "(label every option, or none)")
+            out.append(f"{want}) {opt.strip()}")
+    return tuple(out)
+
+
+def _check_gold_option(answer: str, options: tuple[str, ...], field_name: str, raw: Any) -> None:
+    if ord(answer) - ord("A") >= len(options):
+        letters = ", ".join(chr(65 + i) for i in range(len(options)))
+        raise _Bad(field_name, f"{raw!r} is not one of the option labels ({letters})")
+
+
+def _rationale_without_answer_line(rationale: str, answer: str, answer_type: str) -> str:
+    """A rationale may end with its own ``#### X`` line: it must agree with ``answer`` (it
+    is then dropped: the target adds the answer line itself)."""
+    if ANSWER_MARKER not in rationale:
+        return rationale
+    body, stated = rationale.rsplit(ANSWER_MARKER, 1)
+    stated = stated.strip().splitlines()[0].strip() if stated.strip() else ""
+    if answer_type == "number":
+        from lada.data.answers import numbers_equal
+
+        said = canonical_gold(stated, "number")
+        agrees = said is not None and numbers_equal(said, answer)
+    else:
+        agrees = canonical_gold(stated, answer_type) == answer
+    if not agrees:
+        raise _Bad("rationale", f"its '{ANSWER_MARKER} {stated[:40]}' line disagrees with answer {answer!r}")
+    return body.strip()
 
 
 def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -281,20 +423,15 @@ def _strip_answer_statement(lines: list[str], answer: str) -> list[str]:
 
 def _parse_aqua(rec: dict, default_id: str) -> Example:
     question = _question(rec)
-    options = _get(rec, "options", list)
-    if not options:
-        raise _Bad("options", "empty list")
-    for i, opt in enumerate(options):
-        if not isinstance(opt, str) or not opt.strip():
-            raise _Bad(f"options[{i}]", "expected a non-empty string")
+    options = _options(rec, "option", label_bare=False)
     correct = _get(rec, "correct", str)
     answer = canonical_gold(correct, "option")
-    if answer is None or ord(answer) - ord("A") >= len(options):
-        raise _Bad("correct", f"{correct!r} is not one of the {len(options)} option letters")
+    if answer is None:
+        raise _Bad("correct", f"{correct!r} is not an option letter")
+    _check_gold_option(answer, options, "correct", correct)
     lines = [line.strip() for line in _get(rec, "rationale", str).splitlines() if line.strip()]
     lines = _strip_answer_statement(lines, answer)
-    return Example(default_id, question, "\n".join(lines), answer, "option", "general", "aqua",
-                   tuple(o.strip() for o in options))
+    return Example(default_id, question, "\n".join(lines), answer, "option", "general", "aqua", options)
 
 
 def load_aqua(path: str | Path = "", skip_bad: bool = False, report: LoadReport | None = None) -> list[Example]:
@@ -314,23 +451,20 @@ def _parse_jsonl(rec: dict, default_id: str) -> Example:
     raw = _get(rec, "answer", (str, int, float, bool))
     if isinstance(raw, bool) != (answer_type == "yesno") and not isinstance(raw, str):
         raise _Bad("answer", f"a {type(raw).__name__} answer does not fit answer_type {answer_type!r}")
+    # Bare option texts are labelled "A) .." so the prompt names the letters.
+    options: tuple[str, ...] = _options(rec, answer_type, label_bare=True) if "options" in rec else ()
     answer = canonical_gold(str(raw).lower() if isinstance(raw, bool) else str(raw), answer_type)
-    if answer is None:
-        raise _Bad("answer", f"{raw!r} is not a valid {answer_type} answer")
-    options: tuple[str, ...] = ()
-    if "options" in rec:
-        opts = _get(rec, "options", list)
-        for i, opt in enumerate(opts):
-            if not isinstance(opt, str) or not opt.strip():
-                raise _Bad(f"options[{i}]", "expected a non-empty string")
-        # Label options "A) .." when the file gives bare texts, so the prompt names the letters.
-        options = tuple(o.strip() if re.match(r"^\(?[A-Z]\)", o.strip()) else f"{chr(65 + i)}) {o.strip()}"
-                        for i, o in enumerate(opts))
     if answer_type == "option":
         if not options:
             raise _Bad("options", "required when answer_type is 'option'")
-        if ord(answer) - ord("A") >= len(options):
-            raise _Bad("answer", f"{answer!r} is not one of the {len(options)} option letters")
+        if answer is None:  # the answer may be given as an option's text
+            answer = option_letter_of_text(str(raw), options)
+        if answer is None:
+            raise _Bad("answer", f"{raw!r} is neither an option letter nor the text of exactly one option")
+        _check_gold_option(answer, options, "answer", raw)
+    if answer is None:
+        raise _Bad("answer", f"{raw!r} is not a valid {answer_type} answer")
+    rationale = _rationale_without_answer_line(rationale, answer, answer_type)
     ex_id = rec.get("id", default_id)
     if not isinstance(ex_id, (str, int)) or isinstance(ex_id, bool) or not str(ex_id).strip():
         raise _Bad("id", "expected a non-empty string or integer")
