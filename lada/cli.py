@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,7 +32,11 @@ def _load(args) -> "RunConfig":  # noqa: F821
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
     if getattr(args, "run_dir", None):
-        overrides.append(f'run_dir="{args.run_dir}"')
+        overrides.append(f"run_dir={json.dumps(str(args.run_dir))}")
+    if getattr(args, "root_certificates", None):
+        overrides.append(f"engine.root_certificates={json.dumps(str(args.root_certificates))}")
+    if getattr(args, "insecure", False):
+        overrides.append("engine.insecure=true")
     return load_config(args.config, overrides)
 
 
@@ -168,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None,
                    help="default: [engine].kind of the config")
     r.add_argument("--superlink", default=None, help="deployment: SuperLink control address (host:port)")
+    r.add_argument("--root-certificates", default=None, metavar="CA.pem",
+                   help="deployment: CA certificate that signed the SuperLink's TLS certificate "
+                        "(= [engine] root_certificates)")
+    r.add_argument("--insecure", action="store_true",
+                   help="deployment: connect to the SuperLink without TLS (= [engine] insecure = true; "
+                        "warns unless the SuperLink is on this machine)")
     r.add_argument("--run-dir", default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")

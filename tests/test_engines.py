@@ -142,7 +142,7 @@ def echo_app(tmp_path, monkeypatch):
 
 def echo_config(run_dir: Path, name: str = "echo", n: int = 2) -> RunConfig:
     cfg = RunConfig(name=name, rounds=1, run_dir=str(run_dir), host={"name": "echo"},
-                    data=DataConfig(num_clients=n), clients=[ModelConfig() for _ in range(n)])
+                    data=DataConfig(num_clients=n, domains=["shop", "farm", "travel", "kitchen"][:n]), clients=[ModelConfig() for _ in range(n)])
     cfg.validate("test config")
     return cfg
 
@@ -296,6 +296,7 @@ def test_deployment_on_running_superlink(echo_app, tmp_path):
     state = federation_up(2, tmp_path / "fed")
     try:
         cfg = echo_config(tmp_path / "run")
+        cfg.engine.insecure = True  # a plain local federation: no TLS, said explicitly
         run_engine(cfg, "deployment", tmp_path / "run" / "run.log", superlink=state["superlink"], app_dir=echo_app)
         check_echo(tmp_path / "run")
         assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()

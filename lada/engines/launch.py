@@ -345,11 +345,36 @@ def _run_local_deployment(cfg: RunConfig, run_config: dict, echo: Callable[[str]
     _check_outcome(cfg.resolved_run_dir(), code, lines, "deployment run")
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def remote_connection(cfg: RunConfig, address: str, echo: Callable[[str], None] = print) -> dict[str, object]:
+    """Flower connection settings for a SuperLink at ``address``: TLS, verified against
+    ``[engine] root_certificates`` when given (else the system's CA store); without TLS
+    only with an explicit ``[engine] insecure = true``, and with a warning unless the
+    SuperLink is on this machine."""
+    eng = cfg.engine
+    if eng.root_certificates:
+        if eng.insecure:
+            raise EngineError("[engine] root_certificates is set together with insecure = true: "
+                              "drop one (certificates mean TLS)")
+        return {"address": address, "root-certificates": str(Path(eng.root_certificates).expanduser().absolute())}
+    if eng.insecure:
+        if not _is_loopback(address):
+            echo(f"[lada] WARNING: connecting to the SuperLink {address} WITHOUT TLS ([engine] insecure = true): "
+                 "the config, model updates and every payload travel in clear text. Use TLS "
+                 "(--root-certificates CA.pem, see docs/engines.md) outside a trusted network.")
+        return {"address": address, "insecure": True}
+    return {"address": address}  # TLS with the system's root certificates
+
+
 def _run_remote(cfg: RunConfig, run_config: dict, address: str, echo: Callable[[str], None], app_dir: Path) -> None:
     """Submit to a SuperLink that someone else runs. Its ServerApp may be on another
     machine, so the config travels as text and success is read from the log."""
     home = Path(tempfile.mkdtemp(prefix="lada-flwr-home-"))
-    connection: dict[str, object] = {"address": address, "insecure": bool(cfg.engine.insecure)}
+    connection = remote_connection(cfg, address, echo)
     run_config = dict(run_config, **{"config-text": cfg.to_toml()})
     env = flower_env(home)
     try:
