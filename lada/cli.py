@@ -127,7 +127,7 @@ def cmd_federation(args) -> int:
 
     state = Path(args.state_dir)
     if args.action == "up":
-        info = federation_up(args.clients, state)
+        info = federation_up(args.clients, state, workspace=args.workspace)
         print(f"SuperLink at {info.get('superlink')} with {args.clients} SuperNode(s); state in {state}")
         print(f"run with: lada run CONFIG --engine deployment --superlink {info.get('control', info.get('superlink'))}")
     else:
@@ -157,6 +157,8 @@ def cmd_report(args) -> int:
                       + f"; continue with: lada run --resume {run_dir}")
         print(f"INCOMPLETE RUN: {incomplete}")
     title = run_dir.name + (" (INCOMPLETE)" if incomplete else "")
+    if not (run_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"{run_dir}: no metrics.jsonl (no round finished)")
     finish_run(run_dir, read_metrics(run_dir / "metrics.jsonl"), title=title, incomplete=incomplete)
     return 0
 
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("action", choices=["up", "down"])
     f.add_argument("--clients", type=int, default=3)
     f.add_argument("--state-dir", default=".lada-federation")
+    f.add_argument("--workspace", default=None,
+                   help="clients keep their state here (under each run's id), as SuperNodes on other machines do")
     f.set_defaults(func=cmd_federation)
 
     g = sub.add_parser("grid", help="run methods x seeds on one config; write a results table and plot")

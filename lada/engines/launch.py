@@ -191,13 +191,20 @@ def _write_flwr_home(home: Path, connection: dict[str, object], run_config: dict
     return run_config_file
 
 
-# Flower notices a lada user cannot act on (the app sets everything they talk about).
-_FLOWER_NOISE = ("default simulated SuperNodes", "num-supernodes", "federation-config", "Starting local SuperLink",
-                 "To view usage", "flwr log", "To change this", "deprecat", "DEPRECATED")
+# Flower's notices a lada user cannot act on (lada sets the federation, the app and
+# the SuperLink for them). They stay in the lines kept for error reports.
+_FLOWER_NOISE = ("default simulated SuperNodes", "To change federation size", "flwr federation", "Federation `@",
+                 "num-supernodes", "Starting local SuperLink", "Using SuperLink:", "Starting logstream",
+                 "Successfully installed lada-app", "Start `flwr-serverapp` process", "Starting Flower Simulation",
+                 "To view usage", "flwr log", "warnings.warn(")
 
 
 def _is_noise(line: str) -> bool:
-    return any(n in line for n in _FLOWER_NOISE)
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    return (not text or re.fullmatch(r"(INFO|DEBUG)\s*:\s*", text) is not None
+            or any(n in text for n in _FLOWER_NOISE))
 
 
 def _flwr_run(app_dir: Path, run_config_file: Path, env: dict[str, str], echo: Callable[[str], None],

@@ -29,6 +29,8 @@ FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "HF_HUB_OFFLINE": "1",
+    # Ray (simulation) otherwise warns on every start about a future default we do not rely on.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 

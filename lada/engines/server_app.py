@@ -130,7 +130,7 @@ class GridTransport:
                     self.log(f"{where}: {who} failed after {elapsed:.0f}s")
                     continue
                 replies[nid] = payload
-                if phase is not HELLO and len(by_node) > 1:
+                if phase is not HELLO and len(by_node) > 1 and elapsed >= 2.0:  # only phases long enough to wonder
                     self.log(f"{where}: {who} done in {elapsed:.1f}s ({len(replies)}/{len(by_node)})")
             if pending:
                 if time.monotonic() - last_note > 60.0:  # a long phase: say who we are waiting for

@@ -72,26 +72,29 @@ def write_run_state(run_dir: Path, **fields) -> dict:
 
 
 class _TermAsInterrupt:
-    """While active (main thread only), SIGTERM raises `Interrupted`."""
+    """While active (main thread only), SIGTERM raises `Interrupted` and SIGINT
+    raises KeyboardInterrupt, even where SIGINT was ignored (a background job of a
+    script), so a run asked to stop always stops what it started."""
 
     def __enter__(self):
         import signal
         import threading
 
-        self.old = None
+        self.old: dict = {}
         if threading.current_thread() is threading.main_thread():
             def on_term(signum, frame):
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
                 raise Interrupted(f"signal {signum}")
 
-            self.old = signal.signal(signal.SIGTERM, on_term)
+            self.old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
+            self.old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 def run(cfg: RunConfig, engine: str | None = None, superlink: str | None = None, overwrite: bool = False,
@@ -151,7 +154,7 @@ def _execute(cfg: RunConfig, run_dir: Path, engine: str, superlink: str | None, 
             log.info("run finished in %.1fs", time.perf_counter() - t0)
             return rows
     except KeyboardInterrupt as e:
-        _mark_incomplete(run_dir, "interrupted", "SIGTERM" if isinstance(e, Interrupted) else "interrupted (SIGINT)")
+        _mark_incomplete(run_dir, "interrupted", "SIGTERM" if isinstance(e, Interrupted) else "SIGINT (Ctrl-C)")
         raise
     except BaseException as e:
         _mark_incomplete(run_dir, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")

@@ -82,8 +82,11 @@ def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, 
 
 
 def _last_line(text: str) -> str:
+    """The exception line of a traceback, without the exception's module path."""
+    import re
+
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no reason given)"
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1]) if lines else "(no reason given)"
 
 
 class _Round:
@@ -413,7 +416,7 @@ def serve(cfg, transport: Transport, progress: Callable[[str], None] = print, re
                 f.write(json.dumps(strict_json_row(row), sort_keys=True, allow_nan=False) + "\n")
         all_rows.extend(rows)
         accs = "  ".join(f"{r['participant']}={r['accuracy']:.3f}" if r.get("accuracy") is not None
-                         else f"{r['participant']}=failed" for r in rows)
+                         else f"{r['participant']}=missing" for r in rows)
         progress(f"round {rnd}: {accs}")
 
     def on_commit(rnd: int, clients: dict[int, int]) -> None:
