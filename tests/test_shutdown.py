@@ -114,7 +114,7 @@ def test_supernode_killed_mid_round_leaves_a_completed_run_with_the_client_missi
     proc = None
     try:
         proc = subprocess.Popen([LADA, "run", TINY, "--engine", "deployment", "--superlink", state["superlink"],
-                                 "--run-dir", str(run_dir), "--set", "rounds=1", "--set", "engine.min_clients=2",
+                                 "--insecure", "--run-dir", str(run_dir), "--set", "rounds=1", "--set", "engine.min_clients=2",
                                  "--set", "engine.reply_timeout_s=30"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         _wait_for(run_dir / "server.log", "round 1/1: distill", proc, 180, set(), tmp_path)
