@@ -13,16 +13,14 @@ import hashlib
 import json
 import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config file or table is invalid; the message names the file and the field."""
-
+from lada import registry
+# Re-exported: every layer names config errors and checks through lada.config.
+from lada.schema import (ConfigError, build_dataclass, check_choice, check_non_negative,  # noqa: F401
+                         check_positive, check_range)
 
 TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 DATA_SOURCES = ("synthetic", "gsm8k", "strategyqa", "aqua", "jsonl")
@@ -129,16 +127,20 @@ class TrainConfig:
 
     lr: float = 1e-3
     batch_size: int = 16
-    local_steps: int = 40  # client optimizer steps per round
-    server_steps: int = 40  # server optimizer steps per round (hosts that update the LLM)
+    local_steps: int = 40  # optimizer steps of a client's training on its private data per round
+    # Every transfer (a receiver training on what a sender sent it) runs
+    # ceil(transfer_epochs * examples in its training mix / batch_size) steps: a budget in
+    # passes over what it trains on, so a filter that keeps half gets half the steps,
+    # not twice the epochs (docs/lada.md, "Training budget").
+    transfer_epochs: float = 2.0
     max_length: int = 256  # tokens of prompt + target
     weight_decay: float = 0.0
     grad_clip: float = 1.0
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "lr", "batch_size", "max_length")
-        check_non_negative(self, where, "local_steps", "server_steps", "weight_decay")
-        check_positive(self, where, "grad_clip")
+        check_non_negative(self, where, "local_steps", "weight_decay")
+        check_positive(self, where, "grad_clip", "transfer_epochs")
 
 
 @dataclass
@@ -230,12 +232,9 @@ class RunConfig:
                 if v >= TINY_MAX_POSITIONS:
                     raise ConfigError(f"{where} [{name.split('.')[0]}].{name.split('.')[1]}: must be < "
                                       f"{TINY_MAX_POSITIONS} (the tiny models' positions), got {v}")
-        # Host and plug-in options are checked by their own config dataclasses.
-        from lada.hosts import host_config
-        from lada.plugin import plugin_config
-
-        host_config(self, where)
-        plugin_config(self, where)
+        # Host and plug-in options are checked by their own options dataclasses (torch-free).
+        registry.host_options(self, where)
+        registry.plugin_options(self, where)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -260,30 +259,6 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-# Range checks shared by every options dataclass (run config, hosts, plug-ins), so
-# all of them word their errors the same way: "<where>.<field>: must be ..., got ...".
-
-def check_positive(obj: Any, where: str, *names: str) -> None:
-    for n in names:
-        if getattr(obj, n) <= 0:
-            raise ConfigError(f"{where}.{n}: must be > 0, got {getattr(obj, n)!r}")
-
-
-def check_non_negative(obj: Any, where: str, *names: str) -> None:
-    for n in names:
-        if getattr(obj, n) < 0:
-            raise ConfigError(f"{where}.{n}: must be >= 0, got {getattr(obj, n)!r}")
-
-
-def check_range(obj: Any, where: str, name: str, lo: float, hi: float, lo_open: bool = False,
-                hi_open: bool = False) -> None:
-    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``, ``value < hi`` with ``hi_open``)."""
-    v = getattr(obj, name)
-    if not ((lo < v) if lo_open else (lo <= v)) or not ((v < hi) if hi_open else (v <= hi)):
-        raise ConfigError(f"{where}.{name}: must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, "
-                          f"got {v!r}")
-
-
 def _check_model_name(m: "ModelConfig", where: str) -> None:
     """A name that is not a tiny family must be a local model directory or a hub name
     (``org/model``); a path that does not exist is an error here, not deep in a load."""
@@ -298,65 +273,7 @@ def _check_model_name(m: "ModelConfig", where: str) -> None:
                           "model directory")
 
 
-def check_choice(obj: Any, where: str, name: str, choices: tuple) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        raise ConfigError(f"{where}.{name}: must be one of {choices}, got {v!r}")
-
-
 # ----------------------------------------------------------------------------- parsing
-
-def build_dataclass(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, checking keys and types.
-
-    Unknown keys and wrong types raise ConfigError naming ``where`` and the key.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
-        return dict(value)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} does not match {tp}")
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        # TOML has nan and inf literals; no setting of ours means anything with them
-        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got bool {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
 
 def config_from_dict(data: dict, where: str = "config") -> RunConfig:
     cfg = build_dataclass(RunConfig, data, where)

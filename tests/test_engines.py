@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-import lada.hosts
+import lada.registry
 from lada.config import DataConfig, ModelConfig, RunConfig
 from lada.engines import launch
 from lada.engines.launch import EngineError, InlineTransport, run_engine
@@ -31,13 +31,13 @@ import json
 
 import numpy as np
 
-import lada.hosts
+import lada.registry
 from lada.engines.client_app import PhaseClientApp
 from lada.engines.server_app import ServerApp, run_server
 from lada.protocol.driver import _exchange
 from lada.protocol.host import Host, Phase
 
-lada.hosts.HOSTS["echo"] = "engine_echo_app:EchoHost"
+lada.registry.HOSTS["echo"] = "engine_echo_app:EchoHost"
 
 ECHO = Phase("echo", "train")
 
@@ -135,7 +135,7 @@ def echo_app(tmp_path, monkeypatch):
     (app / "engine_echo_app.py").write_text(ECHO_APP)
     (app / "pyproject.toml").write_text(ECHO_PYPROJECT)
     monkeypatch.syspath_prepend(str(app))
-    monkeypatch.setitem(lada.hosts.HOSTS, "echo", "engine_echo_app:EchoHost")
+    monkeypatch.setitem(lada.registry.HOSTS, "echo", "engine_echo_app:EchoHost")
     monkeypatch.delitem(sys.modules, "engine_echo_app", raising=False)
     return app
 

@@ -167,3 +167,61 @@ def test_filter_leaves_global_rng_alone():
     f.update(x[:5], reward_of(x[:5]))
     f.select(x, 5)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("rows,k", [([0.0, 0.0, 0.0, 0.0, 1.0], 4), ([0.0, 0.0, 1.0, 0.0, 1.0], 4),
+                                    ([0.0, 1.0, 0.0, 1.0, 1.0], 5), ([2.0, 2.0, 2.0, -1.0, -1.0, 3.0, 3.0, 3.0, 3.0], 8)])
+def test_kmeans_on_duplicate_points_gives_clusters_on_the_points(rows, k):
+    """More clusters asked than distinct points: one cluster per distinct point, every
+    centroid exactly on a point, none empty, nothing NaN (an earlier re-seeding re-used
+    one point for two empty clusters and gave a centroid at 0.5 for the first case)."""
+    x = torch.tensor(rows).unsqueeze(1)
+    distinct = sorted(set(rows))
+    for seed in range(5):
+        centroids, assign = kmeans(x, k, seed=seed)
+        assert torch.isfinite(centroids).all()
+        assert sorted(centroids[:, 0].tolist()) == distinct
+        assert torch.bincount(assign, minlength=len(centroids)).min() >= 1
+        assert torch.equal(centroids[assign], x)  # every point sits on its own cluster's centroid
+
+
+def test_kmeans_reseeds_an_emptied_cluster_without_emptying_another():
+    """Two far blobs and k = 4 from a seeding that can start two centroids in one blob:
+    whatever the iterations do, every cluster ends with a member and a finite centroid."""
+    x, _ = blobs(6, [[0, 0], [10, 10]], seed=2)
+    for seed in range(10):
+        centroids, assign = kmeans(x, 4, seed=seed)
+        assert torch.isfinite(centroids).all() and torch.bincount(assign, minlength=4).min() >= 1
+
+
+def test_exploration_net_learns_the_residual_of_f1_at_decision_time(monkeypatch):
+    """EE-Net: f2's target is r - f1(x) with f1 as it was when x was chosen (stored in
+    the history), not the residual of the freshly refitted f1 on its own training data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=g)
+    f = LadaFilter(FilterConfig(epochs=2, seed=0, budget_fraction=0.5))
+    chosen = f.select(x, 30)
+    predicted = f.decision_predictions()
+    assert predicted.shape == (30,)
+    twin = LadaFilter(FilterConfig(epochs=2, seed=0, budget_fraction=0.5))
+    f1_before, _ = twin.predict(x[chosen])  # f1 (untrained, reward units 0/1) before the selection moved the input statistics
+    assert torch.allclose(predicted, f1_before)
+    targets = []
+    real_fit = LadaFilter._fit
+
+    def spy(self, net, opt, inputs, y, gen):
+        targets.append(y.clone())
+        return real_fit(self, net, opt, inputs, y, gen)
+
+    monkeypatch.setattr(LadaFilter, "_fit", spy)
+    r = reward_of(x[chosen])
+    f.update(x[chosen], r, predicted)
+    assert torch.equal(f.hist_f1, predicted)
+    y = (f.hist_r - f.r_mean) / f.r_std
+    assert torch.allclose(targets[0], y)  # f1 regresses the standardised reward
+    assert torch.allclose(targets[1], y - (predicted - f.r_mean) / f.r_std)  # f2: residual at decision time
+    # a later selection records f1's prediction as it then stands, in reward units
+    f1_warm, _ = f.predict(x)
+    second = f.select(x, 10)
+    assert torch.allclose(f.decision_predictions(), f1_warm[second] * f.r_std + f.r_mean)
+    assert torch.equal(f.state_dict()["hist_f1"], predicted)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lada.config import RunConfig
-from lada.experiments.grid import ALL_METHODS, apply_method, method_config, parse_methods, write_report
+from lada.experiments.grid import all_methods, apply_method, budget_note, method_config, parse_methods, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
                                                           "distill": "sft"}),
 ])
 def test_method_names_set_host_and_plugin(method, host, plugin):
-    cfg = RunConfig()
+    cfg = RunConfig(host={"name": "fedcollm"})  # another host than the method's: its options are not carried over
     apply_method(cfg, method)
     assert cfg.host == {"name": host} and cfg.plugin == plugin
+
+
+def test_a_method_on_the_base_configs_host_keeps_its_options():
+    cfg = method_config(ROOT / "configs/default.toml", "cot+lada", 0, Path("out"), [])
+    assert cfg.host == {"name": "cot", "upward": True} and cfg.plugin == {"name": "lada"}
+    assert method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), []).host == cfg.host
+    assert method_config(ROOT / "configs/default.toml", "fedmkt", 0, Path("out"), []).host == {"name": "fedmkt"}
 
 
 def test_fedcollm_methods_give_every_client_client_0s_model():
@@ -42,17 +49,22 @@ def test_bad_method_names_are_refused_before_running(spec, msg):
         parse_methods(spec)
 
 
-def test_all_is_the_documented_list():
-    assert parse_methods("all") == list(ALL_METHODS)
+def test_all_comes_from_the_registry_and_the_capabilities():
+    everything = ["standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",
+                  "cot+lada-no-filter", "cot+lada-random-filter", "cot+lada-no-contrastive"]
+    assert all_methods("cot") == everything
+    assert parse_methods("all", "cot") == everything
     assert parse_methods("cot, fedmkt+lada") == ["cot", "fedmkt+lada"]
-    assert parse_methods("all,cot,fedmkt+lada-relative-reward") == [*ALL_METHODS, "fedmkt+lada-relative-reward"]
+    assert parse_methods("all,cot,fedmkt+lada-relative-reward", "cot") == [*everything, "fedmkt+lada-relative-reward"]
+    assert all_methods("fedmkt")[-1] == "fedmkt+lada-no-contrastive"
+    assert not any(m.startswith("standalone+") for m in all_methods("standalone"))
 
 
 def rows(seed_shift: float, filter_s: float = 0.0) -> list[dict]:
     out = []
     for rnd in range(3):
         out.append({"round": rnd, "participant": "llm", "accuracy": 0.2 + seed_shift, "bytes_up": 1e6,
-                    "bytes_down": 2e6, "seconds": 10.0 * (rnd > 0),
+                    "bytes_down": 2e6, "lada_bytes_up": 200, "lada_bytes_down": 100, "seconds": 10.0 * (rnd > 0),
                     **({"lada_up0_filter_seconds": filter_s} if rnd else {})})
         for k, acc in enumerate((0.5, 0.3)):
             out.append({"round": rnd, "participant": f"client-{k}", "accuracy": acc + seed_shift + 0.1 * rnd,
@@ -62,10 +74,12 @@ def rows(seed_shift: float, filter_s: float = 0.0) -> list[dict]:
 
 def test_report_gives_mean_and_std_over_seeds(tmp_path):
     results = {"cot": {0: rows(0.0), 1: rows(0.1)}, "cot+lada": {0: rows(0.0, filter_s=2.0)}}
-    table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1]).read_text()
+    budget = budget_note(method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), []))
+    table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1], budget).read_text()
+    assert "`train.transfer_epochs = 2` passes" in table.splitlines()[1]
     lines = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| cot")}
-    # final round: client-0 0.7 and 0.8 -> 75.0 +- 7.1; SLM mean (0.6, 0.7) -> 65.0 +- 7.1
-    assert "| 75.0 ± 7.1 | 55.0 ± 7.1 | 65.0 ± 7.1 | 25.0 ± 7.1 | 3.00 | 10 | - |" in lines["cot"]
+    # final round: client-0 0.7 and 0.8 -> 75.0 +- 7.1; SLM mean (0.6, 0.7) -> 65.0 +- 7.1; LaDa bytes 0.3 KB
+    assert "| 75.0 ± 7.1 | 55.0 ± 7.1 | 65.0 ± 7.1 | 25.0 ± 7.1 | 3.00 | 0.3 | 10 | - |" in lines["cot"]
     assert lines["cot+lada"].endswith("| 2.0 (20%) |")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cot"]["slm_mean"] == pytest.approx([0.6, 0.7])

@@ -3,8 +3,9 @@ write a Markdown table of final accuracies (mean +- std over seeds) and a plot o
 accuracy per round per method.
 
 A method is a name that says which host, plug-in and ablations to run (see
-``apply_method``). Finished runs (their DONE marker) are reused, so an interrupted
-grid resumes where it stopped.
+``apply_method``); host and plug-in names come from ``lada.registry`` and what a host
+can do from its declared ``Capabilities``, so this module names no host. Finished runs
+(their DONE marker) are reused, so an interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lada import registry
 from lada.config import RunConfig, load_config
 from lada.experiments.report import read_metrics
+from lada.experiments.runner import run
 
 log = logging.getLogger("lada.grid")
 
 
-# A method's name says what it runs: ``<host>[+lada[-<ablation>...]]``, e.g. ``cot``,
-# ``fedmkt+lada``, ``fedmkt+lada-no-contrastive``. Each ablation edits the plug-in's options.
+# A method's name says what it runs: ``<host>[+<plug-in>[-<ablation>...]]``, e.g. the
+# host alone, ``<host>+lada`` or ``<host>+lada-no-contrastive``. Each ablation edits the
+# plug-in's options.
 ABLATIONS: dict[str, Callable[[dict], None]] = {
     "no-filter": lambda p: p.setdefault("filter", {}).update(kind="none"),
     "random-filter": lambda p: p.setdefault("filter", {}).update(kind="random"),
@@ -32,32 +36,51 @@ ABLATIONS: dict[str, Callable[[dict], None]] = {
     "no-contrastive": lambda p: p.update(distill="sft"),
     "relative-reward": lambda p: p.update(reward="relative"),
 }
-# `--methods all`: standalone, every host with and without LaDa, and the ablations on cot.
-ALL_METHODS = ("standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",
-               "cot+lada-no-filter", "cot+lada-random-filter", "cot+lada-no-contrastive")
+# `--methods all` adds these ablations of the plug-in on the base config's host.
+ALL_ABLATIONS = ("no-filter", "random-filter", "no-contrastive")
+PLUGIN = "lada"  # the plug-in the grid's method names add
+
+
+def all_methods(base_host: str) -> list[str]:
+    """`--methods all`: every registered host alone, every collaborative host with the
+    plug-in, and ``ALL_ABLATIONS`` of the plug-in on ``base_host`` (the base config's)."""
+    out: list[str] = []
+    for host in registry.HOSTS:
+        out.append(host)
+        if registry.host_class(host).capabilities.collaborative:
+            out.append(f"{host}+{PLUGIN}")
+    if registry.host_class(base_host).capabilities.collaborative:
+        out += [f"{base_host}+{PLUGIN}-{a}" for a in ALL_ABLATIONS]
+    return out
 
 
 def apply_method(cfg: RunConfig, method: str) -> None:
     """Edit ``cfg`` (host, plug-in, ablation switches) to run ``method``; ValueError
-    naming the bad part otherwise."""
-    from lada.hosts import HOSTS
+    naming the bad part otherwise.
 
+    The host keeps the base config's ``[host]`` options when the base config names the
+    same host (so ``<host>`` and ``<host>+lada`` run the same transfers, e.g. the base
+    config's upward path distillation), else it runs with its defaults. A host that
+    needs one SLM on every client (``Capabilities.shared_slm``) gets client 0's model
+    everywhere."""
     host, _, rest = method.partition("+")
-    if host not in HOSTS:
-        raise ValueError(f"method {method!r}: unknown host {host!r}; hosts: {sorted(HOSTS)}")
+    if host not in registry.HOSTS:
+        raise ValueError(f"method {method!r}: unknown host {host!r}; hosts: {sorted(registry.HOSTS)}")
+    caps = registry.host_class(host).capabilities
     plugin: dict = {"name": "none"}
     if rest:
         name, *ablations = rest.split("-", 1)
-        if name != "lada":
-            raise ValueError(f"method {method!r}: unknown plug-in {name!r}; plug-ins: ['lada']")
-        plugin = {"name": "lada"}
+        plugins = sorted(p for p in registry.PLUGINS if p != "none")
+        if name not in plugins:
+            raise ValueError(f"method {method!r}: unknown plug-in {name!r}; plug-ins: {plugins}")
+        plugin = {"name": name}
         for ablation in _split_ablations(method, ablations[0] if ablations else ""):
             ABLATIONS[ablation](plugin)
-        if host == "standalone":
-            raise ValueError(f"method {method!r}: standalone has no collaboration for a plug-in to act on")
-    cfg.host = {"name": host}
+        if not caps.collaborative:
+            raise ValueError(f"method {method!r}: host {host!r} has no collaboration for a plug-in to act on")
+    cfg.host = dict(cfg.host) if cfg.host_name == host else {"name": host}
     cfg.plugin = plugin
-    if host == "fedcollm":  # FedCoLLM needs one SLM architecture: client 0's, everywhere
+    if caps.shared_slm:
         cfg.clients = [copy.deepcopy(cfg.clients[0]) for _ in cfg.clients]
 
 
@@ -83,13 +106,14 @@ def method_config(base: Path, method: str, seed: int, out_dir: Path, overrides: 
     return cfg
 
 
-def parse_methods(spec: str) -> list[str]:
-    """A comma-separated list in which ``all`` stands for ``ALL_METHODS`` (e.g.
-    ``all,fedmkt+lada-relative-reward``); duplicates dropped, every name checked before
-    anything runs."""
+def parse_methods(spec: str, base_host: str | None = None) -> list[str]:
+    """A comma-separated list in which ``all`` stands for ``all_methods(base_host)``
+    (e.g. ``all,<host>+lada-relative-reward``); duplicates dropped, every name checked
+    before anything runs."""
+    base_host = base_host or RunConfig().host_name
     names: list[str] = []
     for m in (m.strip() for m in spec.split(",")):
-        for name in (ALL_METHODS if m == "all" else [m] if m else []):
+        for name in (all_methods(base_host) if m == "all" else [m] if m else []):
             if name not in names:
                 names.append(name)
     if not names:
@@ -103,13 +127,13 @@ def parse_methods(spec: str) -> list[str]:
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
              overrides: list[str] | None = None) -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed."""
-    from lada.experiments.runner import run
-
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, list[dict]]] = {}
     total = len(methods) * len(seeds)
+    budget = ""
     for i, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), 1):
         cfg = method_config(base, method, seed, out_dir, overrides or [])
+        budget = budget_note(cfg)
         cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
         if (run_dir / "DONE").exists() and (run_dir / "config.toml").read_text() == cfg.to_toml():
@@ -118,8 +142,16 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
-    write_report(results, out_dir, base, seeds)
+    write_report(results, out_dir, base, seeds, budget)
     return results
+
+
+def budget_note(cfg: RunConfig) -> str:
+    """The training budget every method of the grid ran with, for the table's header."""
+    t = cfg.train
+    return (f"Training budget: every transfer trains `train.transfer_epochs = {t.transfer_epochs:g}` passes over "
+            f"its training mix (received items kept by the filter, plus what the host mixes in), batch "
+            f"{t.batch_size}; local training on private data {t.local_steps} steps per round.")
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -133,7 +165,7 @@ def _mean_std(xs: list[float]) -> str:
 def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
     """Final-round accuracies and per-round costs of one method, over seeds."""
     finals: dict[str, list[float]] = {}
-    slm_mean, mb, secs, filt = [], [], [], []
+    slm_mean, mb, secs, filt, lada_kb = [], [], [], [], []
     for rows in rows_by_seed.values():
         last = max(r["round"] for r in rows)
         final = [r for r in rows if r["round"] == last]
@@ -145,19 +177,24 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:
             mb.append(statistics.fmean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in llm_rows))
+            lada_kb.append(statistics.fmean((r.get("lada_bytes_up", 0) + r.get("lada_bytes_down", 0)) / 1e3
+                                            for r in llm_rows))
             secs.append(statistics.fmean(r["seconds"] for r in llm_rows))
         f = [sum(v or 0.0 for k, v in r.items() if k.endswith("filter_seconds")) for r in rows if r["round"] > 0]
         if any(f) and llm_rows:
             filt.append(sum(f) / len(llm_rows))
     return {"finals": finals, "slm_mean": slm_mean, "mb_per_round": mb, "seconds_per_round": secs,
-            "filter_seconds_per_round": filt}
+            "filter_seconds_per_round": filt, "lada_kb_per_round": lada_kb}
 
 
-def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base: Path, seeds: list[int]) -> Path:
+def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base: Path, seeds: list[int],
+                 budget: str = "") -> Path:
     parts = sorted({p for rs in results.values() for rows in rs.values() for p in (r["participant"] for r in rows)
                     if p != "llm"})
-    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "MB/round", "s/round", "filter s/round"]
-    lines = [f"Final-round test accuracy (%), mean ± std over seeds {seeds}; base config `{base}`.", "",
+    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "MB/round", "of which LaDa KB/round", "s/round",
+              "filter s/round"]
+    lines = [f"Final-round test accuracy (%), mean ± std over seeds {seeds}; base config `{base}`.",
+             *([budget] if budget else []), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summary = {}
     for method, by_seed in results.items():
@@ -171,6 +208,7 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             method, *(_mean_std(s["finals"].get(p, [])) for p in parts), _mean_std(s["slm_mean"]),
             _mean_std(s["finals"].get("llm", [])),
             f"{statistics.fmean(s['mb_per_round']):.2f}" if s["mb_per_round"] else "-",
+            f"{statistics.fmean(s['lada_kb_per_round']):.1f}" if s["lada_kb_per_round"] else "-",
             f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] else "-", f_share]) + " |")
     table = out_dir / "results.md"
     table.write_text("\n".join(lines) + "\n")
@@ -221,7 +259,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str]) -> int:
     try:
-        names = parse_methods(methods)
+        names = parse_methods(methods, load_config(base, overrides).host_name)
     except ValueError as e:
         raise SystemExit(f"lada grid: {e}") from None
     t0 = time.perf_counter()

@@ -21,33 +21,45 @@ Each round:
    offset alignment of :mod:`lada.hosts.token_alignment`.
 4. ``sync``: the distilled SLM adapter goes down; clients load it.
 
-Plug-in hooks: the LLM -> SLM distillation is the "down" transfer and SLM -> LLM the
-"up" transfer, both on the server; the shared SLM is the plug-in's pair 0.
+Plug-in transfers (``lada.protocol.host``): the LLM -> SLM distillation is the "down"
+transfer (pair 0: the shared SLM) and SLM -> LLM the "up" transfers (one per client),
+both on the server. FedCoLLM's own exchange is adapters, so a plug-in's paths ride
+beside it: each client adds its SLM's paths to the ``local_train`` reply (keys
+``lada/...``, bytes reported apart); the LLM's paths for the down transfer never leave
+the server. Each distillation trains on the whole public set as the host does plus the
+plug-in's selected paths (LM loss), with the mean of the pairs' extra losses, for
+``train.transfer_epochs`` passes over that mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from lada.config import ConfigError, check_choice, check_non_negative, check_positive
-from lada.hosts.common import private_pairs
-from lada.hosts.fedmkt import DistillSample, compute_topk, distill, encode_examples, own_targets, public_items, \
+from lada.config import ConfigError
+from lada.hosts.common import path_pairs, private_pairs, transfer_steps
+from lada.hosts.fedmkt import DistillSample, compute_topk, distill, encode_examples, encode_paths, own_targets, \
     transfer_targets
+from lada.hosts.options import FedCoLLMConfig
 from lada.hosts.token_alignment import build_token_mapping, vocab_of
-from lada.protocol.host import Host, Phase
+from lada.models.loading import load_model
+from lada.models.training import train_steps
+from lada.protocol.host import Capabilities, Host, Phase, mean_loss
+from lada.protocol.node import ClientNode, cache_dir
 from lada.protocol.payload import Payload
 
 if TYPE_CHECKING:
     from lada.models.loading import LoadedModel
-    from lada.protocol.node import ClientNode, Node, ServerNode
+    from lada.protocol.node import Node, ServerNode
+    from lada.protocol.paths import Candidate
 
 ADAPTER_PREFIX = "lora/"
 BASE_PREFIX = "base/"
-ADAPTER_DTYPES = ("float32", "float16")
 # ModelConfig fields that must agree for adapters to be averaged.
 ARCH_FIELDS = ("name", "hidden_size", "num_layers", "num_heads", "vocab_size", "lora_r", "lora_alpha")
 
@@ -100,17 +112,12 @@ def check_same_slm(cfg, setup_replies: dict[int, Payload]) -> None:
 
 def adapter_arrays(lm: "LoadedModel", dtype: str = "float32") -> dict[str, np.ndarray]:
     """The LoRA adapter of a model as numpy arrays, keyed ``lora/<name>``."""
-    from peft import get_peft_model_state_dict
-
     sd = get_peft_model_state_dict(lm.model)
     return {ADAPTER_PREFIX + k: v.detach().float().cpu().numpy().astype(dtype) for k, v in sd.items()}
 
 
 def load_adapter(lm: "LoadedModel", payload: Payload) -> None:
     """Install adapter arrays from a payload into a LoRA model (names must match)."""
-    import torch
-    from peft import set_peft_model_state_dict
-
     own = set(adapter_arrays(lm))
     got = {k for k in payload if k.startswith(ADAPTER_PREFIX)}
     if own != got:
@@ -124,8 +131,6 @@ def load_adapter(lm: "LoadedModel", payload: Payload) -> None:
 def lora_model(node: "Node", r: int) -> "LoadedModel":
     """The node's SLM with LoRA adapters: of the config's rank if it sets one, else
     fresh adapters of rank ``r`` on the node's current model."""
-    from lada.models.loading import load_model
-
     lm = node.model()
     if lm.is_lora:
         return lm
@@ -147,21 +152,6 @@ def base_arrays(lm: "LoadedModel") -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- the host
 
-@dataclass
-class FedCoLLMConfig:
-    lora_r: int = 8  # adapter rank when the clients' model config has lora_r = 0
-    top_k: int = 8  # distribution entries per position in the mutual distillation
-    distill_lambda: float = 1.0  # loss = LM + distill_lambda * KD, in both directions
-    temperature: float = 1.0  # applied to the teacher's top-k log-probs
-    distill_steps: int = 0  # optimizer steps of each server distillation; 0: train.server_steps
-    adapter_dtype: str = "float32"  # dtype of adapters on the wire
-
-    def validate(self, where: str) -> None:
-        check_positive(self, where, "lora_r", "top_k", "temperature")
-        check_non_negative(self, where, "distill_lambda", "distill_steps")
-        check_choice(self, where, "adapter_dtype", ADAPTER_DTYPES)
-
-
 def needs_shared_base(cfg) -> bool:
     """Client SLMs differ unless they are one pretrained model used as is."""
     return any(c.is_tiny or c.warmup_steps > 0 or c.checkpoint for c in cfg.clients)
@@ -170,7 +160,7 @@ def needs_shared_base(cfg) -> bool:
 class FedCoLLMHost(Host):
     name = "fedcollm"
     config_cls = FedCoLLMConfig
-    transfers_up = True
+    capabilities = Capabilities(shared_slm=True, directions=frozenset({"down", "up"}))
 
     @property
     def rank(self) -> int:
@@ -186,8 +176,6 @@ class FedCoLLMHost(Host):
     # The server's copy of the shared SLM lives in its own node folder, starting from
     # client 0's warm-up checkpoint (the base every client receives in round 1).
     def slm_node(self, server: "ServerNode") -> "ClientNode":
-        from lada.protocol.node import ClientNode
-
         return ClientNode(self.cfg, 0, server.workspace / "fedcollm-slm")
 
     # ---- server side
@@ -218,14 +206,17 @@ class FedCoLLMHost(Host):
         avg = weighted_average(states, [float(replies[c]["n_examples"]) for c in ks])
         load_adapter(slm, avg)
         llm = server.model()
-        self._mutual_distill(rnd, server, llm, slm)
+        # LaDa-style plug-ins: the LLM's paths for the shared SLM, each client's paths for the LLM
+        down = self.plugin.paths_received("down", self.plugin.paths_to_send("down", rnd, server), server)
+        up = {k: self.plugin.paths_received("up", replies[k], server) for k in ks}
+        self._mutual_distill(rnd, server, llm, slm, {"down": {0: down}, "up": up})
         node.save_model(slm)
         server.save_model(llm)
         server.save_state()
 
-    def _mutual_distill(self, rnd: int, server: "ServerNode", llm: "LoadedModel", slm: "LoadedModel") -> None:
+    def _mutual_distill(self, rnd: int, server: "ServerNode", llm: "LoadedModel", slm: "LoadedModel",
+                        candidates: dict[str, dict[int, list["Candidate"]]]) -> None:
         o = self.options
-        steps = o.distill_steps or self.cfg.train.server_steps
         v_llm, v_slm = vocab_of(llm.tokenizer), vocab_of(slm.tokenizer)
         same = v_llm.hash == v_slm.hash
         maps = {} if same else {"down": build_token_mapping(v_llm, v_slm, _token_map_cache(server)),
@@ -238,14 +229,9 @@ class FedCoLLMHost(Host):
                 ("down", llm, enc_llm, v_llm, slm, enc_slm, v_slm),
                 ("up", slm, enc_slm, v_slm, llm, enc_llm, v_llm)):
             tk = compute_topk(teacher, t_enc, o.top_k, bs, len(t_vocab))
-            items = public_items(server.public, s_enc, tk)
-            chosen = self.plugin.select(direction, rnd, items, server, student, 0)
-            keep = {it["example_id"] for it in chosen}
             spans = tk.by_id()
             samples, aligned = [], []
             for e in s_enc:
-                if e.example_id not in keep:
-                    continue
                 if same:
                     ids, probs = own_targets(tk, spans[e.example_id], o.temperature)
                 else:
@@ -253,22 +239,25 @@ class FedCoLLMHost(Host):
                                                       o.temperature)
                     aligned.append(float(ok.mean()) if len(ok) else 0.0)
                 samples.append(DistillSample(e, ids, probs))
-            extra = self.plugin.extra_loss(direction, rnd, chosen, server, student, 0)
-            stats = distill(student, samples, steps, self.cfg.train, server.seed + 31 * rnd + (direction == "up"),
-                            1.0, o.distill_lambda, [extra] if extra else [],
-                            desc=f"fedcollm {'LLM->SLM' if direction == 'down' else 'SLM->LLM'}")
-            self.plugin.after_update(direction, rnd, chosen, server, student, 0)
+            with contextlib.ExitStack() as stack:
+                transfers = [stack.enter_context(self.plugin.transfer(direction, rnd, pair, server, student, cands))
+                             for pair, cands in sorted(candidates[direction].items())]
+                paths = encode_paths(student, [p for t in transfers for p in path_pairs(t.items)], max_len)
+                mix = samples + paths
+                stats = distill(student, mix, transfer_steps(self.cfg, len(mix)), self.cfg.train,
+                                server.seed + 31 * rnd + (direction == "up"), 1.0, o.distill_lambda,
+                                mean_loss(transfers), desc=f"fedcollm {'LLM->SLM' if direction == 'down' else 'SLM->LLM'}")
             who = "slm" if direction == "down" else "llm"
             server.log_metric(f"{who}_kd_loss", stats["kd_loss"])
             server.log_metric(f"{who}_lm_loss", stats["lm_loss"])
             server.log_metric(f"{who}_distill_samples", len(samples))
+            server.log_metric(f"{who}_distill_paths", len(paths))
+            server.log_metric(f"{who}_distill_steps", stats["steps"])
             if aligned:
                 server.log_metric(f"{who}_aligned_share", float(np.mean(aligned)))
 
     # ---- client side
     def client_handle(self, phase, rnd, payload, client):
-        from lada.models.training import train_steps
-
         if phase == "base":
             return self._install_base(payload, client)
         if phase == "local_train":
@@ -280,6 +269,7 @@ class FedCoLLMHost(Host):
             client.log_metric("train_loss", stats["loss"])
             reply: Payload = adapter_arrays(lm, self.options.adapter_dtype)
             reply.update(n_examples=len(pairs), train_loss=float(stats["loss"]))
+            reply.update(self.plugin.paths_to_send("up", rnd, client))  # the client SLM's paths, for the LLM
             return reply
         if phase == "sync":
             lm = lora_model(client, self.rank)
@@ -290,10 +280,6 @@ class FedCoLLMHost(Host):
 
     def _install_base(self, payload: Payload, client: "ClientNode") -> Payload:
         """Adopt the shared base (if sent) and the initial adapter."""
-        import torch
-
-        from lada.models.loading import load_model
-
         base = {k[len(BASE_PREFIX):]: v for k, v in payload.items() if k.startswith(BASE_PREFIX)}
         if base:
             plain = load_model(dataclasses.replace(client.model_cfg, lora_r=0), client.initial_checkpoint(),
@@ -312,6 +298,4 @@ class FedCoLLMHost(Host):
 
 
 def _token_map_cache(server: "ServerNode"):
-    from lada.protocol.node import cache_dir
-
     return cache_dir(server.cfg) / "token_maps"

@@ -16,8 +16,13 @@ Each round:
 4. ``server_logits``: the updated LLM's top-k distributions go down; each client maps,
    aligns and selects (its own vs the LLM's) the same way and trains with the same loss.
 
-The plug-in sees each transfer's candidate public examples (``select``), may add a loss
-(``extra_loss``) and observes the update (``after_update``).
+Each distillation is one plug-in transfer per (LLM, SLM_k) pair (``lada.protocol.host``).
+FedMKT's own exchange is distributions, not reasoning paths, so a plug-in's paths ride
+beside it: clients add theirs to the ``client_logits`` reply, the server adds the LLM's
+to the ``server_logits`` message (keys ``lada/...``, bytes reported apart). The receiver
+distils on the whole public set as the host does, and also trains (LM loss) on the
+plug-in's selected paths, with the mean of the pairs' extra losses; the training budget
+is ``train.transfer_epochs`` passes over public examples plus selected paths.
 
 The distillation machinery here (:func:`compute_topk`, :func:`transfer_targets`,
 :func:`distill`) is shared with FedCoLLM.
@@ -25,26 +30,28 @@ The distillation machinery here (:func:`compute_topk`, :func:`transfer_targets`,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import torch
 
-from lada.config import check_choice, check_non_negative, check_positive, check_range
 from lada.data.records import Example, example_prompt, example_target
-from lada.hosts.common import private_pairs
+from lada.hosts.common import path_pairs, private_pairs, transfer_steps
+from lada.hosts.options import FedMKTConfig
 from lada.hosts.token_alignment import Vocab, align_spans, build_token_mapping, map_topk, token_starts, vocab_of
-from lada.protocol.host import Host, Phase
+from lada.models.training import IGNORE, collate, encode_pairs, train_steps
+from lada.protocol.host import Capabilities, Host, Phase, Transfer, mean_loss
+from lada.protocol.node import cache_dir
 from lada.protocol.payload import Payload
 
 if TYPE_CHECKING:
     from lada.config import TrainConfig
     from lada.models.loading import LoadedModel
     from lada.protocol.node import Node
-
-SELECTIONS = ("greater", "other")
-METRICS = ("token", "sequence")
+    from lada.protocol.paths import Candidate
 
 
 # ----------------------------------------------------------------------------- top-k distributions
@@ -65,8 +72,6 @@ def encode_examples(lm: "LoadedModel", vocab: Vocab, examples: list[Example], ma
     """Encode (prompt, gold target) exactly as training does, plus target byte offsets.
 
     EOS gets the offset just past the text, so the two sides' EOS positions align."""
-    from lada.models.training import IGNORE, encode_pairs
-
     targets = [example_target(ex) for ex in examples]
     enc = encode_pairs(lm.tokenizer, [(example_prompt(ex), t) for ex, t in zip(examples, targets)], max_length)
     target_ids = lm.tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"]
@@ -122,10 +127,6 @@ def compute_topk(lm: "LoadedModel", encoded: list[Encoded], k: int, batch_size: 
     """Run the model over the encoded examples and keep, at each target position, the
     ``k`` most likely next tokens (ids below ``vocab_size``: padded embedding rows of
     the model that no token uses are never sent)."""
-    import torch
-
-    from lada.models.training import IGNORE, collate
-
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     idx_out: list[np.ndarray | None] = [None] * len(encoded)
     logp_out: list[np.ndarray | None] = [None] * len(encoded)
@@ -223,25 +224,28 @@ def choose_teacher(own_ce: np.ndarray, other_ce: np.ndarray) -> np.ndarray:
 @dataclass
 class DistillSample:
     enc: Encoded
-    t_idx: np.ndarray  # [n, k] int64 target ids in the student's vocabulary
-    t_prob: np.ndarray  # [n, k] float32
+    t_idx: np.ndarray | None  # [n, k] int64 target ids in the student's vocabulary (None: LM loss only)
+    t_prob: np.ndarray | None  # [n, k] float32
+
+
+def encode_paths(lm: "LoadedModel", pairs: list[tuple[str, str]], max_length: int) -> list[DistillSample]:
+    """(prompt, path) pairs as LM-loss-only samples (a plug-in's selected paths)."""
+    enc = encode_pairs(lm.tokenizer, pairs, max_length)
+    return [DistillSample(Encoded("", e["input_ids"], e["labels"], np.zeros(0, np.int32), np.zeros(0, np.int64)),
+                          None, None) for e in enc]
 
 
 def distill(lm: "LoadedModel", samples: list[DistillSample], steps: int, train_cfg: "TrainConfig", seed: int,
-            w_lm: float, w_kd: float, extras: list[Callable[[int], Any]] | None = None, desc: str = "distill") -> dict:
-    """``steps`` optimizer steps of ``w_lm * LM + w_kd * KD (+ plug-in losses)`` on the
-    samples; KD is the cross-entropy from each position's sparse target distribution to
-    the student's next-token distribution. Returns the loss parts (mean of the last 10
-    steps) and the training stats."""
-    import torch
-
-    from lada.models.training import IGNORE, collate, train_steps
-
+            w_lm: float, w_kd: float, extra: Callable[[int], Any] | None = None, desc: str = "distill") -> dict:
+    """``steps`` optimizer steps of ``w_lm * LM + w_kd * KD + extra`` on the samples;
+    KD is the cross-entropy from each position's sparse target distribution to the
+    student's next-token distribution (samples without targets get the LM loss only).
+    Returns the loss parts (mean of the last 10 steps) and the training stats."""
     if not samples or steps <= 0:
-        return {"lm_loss": float("nan"), "kd_loss": float("nan"), "steps": 0}
+        return {"lm_loss": float("nan"), "kd_loss": float("nan"), "extra_loss": float("nan"), "steps": 0}
     gen = torch.Generator().manual_seed(seed)
     queue: list[int] = []
-    parts: dict[str, list[float]] = {"lm": [], "kd": []}
+    parts: dict[str, list[float]] = {"lm": [], "kd": [], "extra": []}
     bs = min(train_cfg.batch_size, len(samples))
 
     def loss(step: int):
@@ -256,36 +260,27 @@ def distill(lm: "LoadedModel", samples: list[DistillSample], steps: int, train_c
         keep = labels != IGNORE
         logp = logits[:, :-1][keep].float().log_softmax(-1)
         lm_loss = torch.nn.functional.nll_loss(logp, labels[keep])
-        t_idx = torch.from_numpy(np.concatenate([s.t_idx for s in chosen])).to(lm.device)
-        t_prob = torch.from_numpy(np.concatenate([s.t_prob for s in chosen])).to(lm.device)
-        if t_idx.shape[0] != logp.shape[0]:
-            raise RuntimeError(f"distill: {t_idx.shape[0]} target rows for {logp.shape[0]} student positions")
-        kd = -(t_prob * logp.gather(-1, t_idx)).sum(-1).mean()
-        total = w_lm * lm_loss + w_kd * kd
-        for extra in extras or []:
-            x = extra(step)
-            if x is not None:
-                total = total + x
+        total = w_lm * lm_loss
+        with_targets = [s.t_idx is not None for s in chosen]
+        if any(with_targets):
+            rows = torch.from_numpy(np.repeat(np.array(with_targets), keep.sum(1).cpu().numpy())).to(lm.device)
+            t_idx = torch.from_numpy(np.concatenate([s.t_idx for s in chosen if s.t_idx is not None])).to(lm.device)
+            t_prob = torch.from_numpy(np.concatenate([s.t_prob for s in chosen if s.t_prob is not None])).to(lm.device)
+            kd_logp = logp[rows]
+            if t_idx.shape[0] != kd_logp.shape[0]:
+                raise RuntimeError(f"distill: {t_idx.shape[0]} target rows for {kd_logp.shape[0]} student positions")
+            kd = -(t_prob * kd_logp.gather(-1, t_idx)).sum(-1).mean()
+            total = total + w_kd * kd
+            parts["kd"].append(float(kd.detach()))
+        if extra is not None and (x := extra(step)) is not None:
+            total = total + x
+            parts["extra"].append(float(x.detach()))
         parts["lm"].append(float(lm_loss.detach()))
-        parts["kd"].append(float(kd.detach()))
         return total
 
     stats = train_steps(lm, [], steps, train_cfg, seed, extra_loss=loss, desc=desc)
     tail = lambda v: float(np.mean(v[-10:])) if v else float("nan")  # noqa: E731
-    return {"lm_loss": tail(parts["lm"]), "kd_loss": tail(parts["kd"]), **stats}
-
-
-def public_items(examples: list[Example], encoded: list[Encoded], sender: TopK) -> list[dict]:
-    """A transfer's candidates for the plug-in: the public examples the sender scored,
-    with the gold target as text and the sender's log-likelihood of it."""
-    spans = sender.by_id()
-    by_id = {ex.id: ex for ex in examples}
-    nll = dict(zip(sender.ids, sender.nll.tolist()))
-    lengths = dict(zip(sender.ids, sender.lengths.tolist()))
-    return [{"example_id": e.example_id, "prompt": example_prompt(by_id[e.example_id]),
-             "text": example_target(by_id[e.example_id]), "correct": True,
-             "sender_logprob": -float(nll[e.example_id]), "n_tokens": int(lengths[e.example_id])}
-            for e in encoded if e.example_id in spans]
+    return {"lm_loss": tail(parts["lm"]), "kd_loss": tail(parts["kd"]), "extra_loss": tail(parts["extra"]), **stats}
 
 
 def mapping_path(node: "Node", name: str) -> Path:
@@ -295,8 +290,6 @@ def mapping_path(node: "Node", name: str) -> Path:
 def save_mapping(node: "Node", name: str, sender_vocab: Vocab, receiver_vocab: Vocab) -> np.ndarray:
     """Build (or reuse from the shared cache) and keep in the node's workspace the
     mapping from the sender's vocabulary into the receiver's."""
-    from lada.protocol.node import cache_dir
-
     m = build_token_mapping(sender_vocab, receiver_vocab, cache_dir=cache_dir(node.cfg) / "token_maps")
     path = mapping_path(node, name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,24 +307,6 @@ def load_mapping(node: "Node", name: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the host
 
-@dataclass
-class FedMKTConfig:
-    top_k: int = 8  # distribution entries sent per position
-    alpha: float = 0.9  # weight of the LM loss; the distillation loss gets 1 - alpha
-    temperature: float = 1.0  # applied to the teacher's top-k log-probs
-    distill_steps: int = 0  # steps of each distillation; 0: train.local_steps (clients), train.server_steps (LLM)
-    selection: str = "greater"  # greater: lowest-CE distribution per example; other: always the other side's
-    metric: str = "token"  # CE for selection: token = mean per token (as the reference code); sequence = total NLL
-    local_train: bool = True  # clients fine-tune on private data before the transfer
-
-    def validate(self, where: str) -> None:
-        check_positive(self, where, "top_k", "temperature")
-        check_non_negative(self, where, "distill_steps")
-        check_range(self, where, "alpha", 0.0, 1.0)
-        check_choice(self, where, "selection", SELECTIONS)
-        check_choice(self, where, "metric", METRICS)
-
-
 def _ce(tk: TopK, metric: str) -> np.ndarray:
     return tk.token_ce() if metric == "token" else tk.nll.astype(np.float64)
 
@@ -339,52 +314,42 @@ def _ce(tk: TopK, metric: str) -> np.ndarray:
 class FedMKTHost(Host):
     name = "fedmkt"
     config_cls = FedMKTConfig
-    transfers_up = True
+    capabilities = Capabilities(directions=frozenset({"down", "up"}))
 
     def phases(self, rnd: int) -> list[Phase]:
         first = [Phase("vocab", "query")] if rnd == 1 else []
         return first + [Phase("local_train", "train"), Phase("client_logits", "query"), Phase("server_logits", "train")]
 
     # ---- helpers shared by both sides
-    def _steps(self, default: int) -> int:
-        return self.options.distill_steps or default
-
     def _topk(self, node: "Node", lm: "LoadedModel", vocab: Vocab) -> tuple[list[Encoded], TopK]:
         enc = encode_examples(lm, vocab, node.public, self.cfg.train.max_length)
         return enc, compute_topk(lm, enc, self.options.top_k, self.cfg.generation.batch_size, len(vocab))
 
     def _transfer(self, direction: str, rnd: int, node: "Node", lm: "LoadedModel", vocab: Vocab,
-                  senders: dict[int, tuple[TopK, np.ndarray]], steps: int, seed: int) -> dict[str, float]:
+                  senders: dict[int, tuple[TopK, np.ndarray]], candidates: dict[int, list["Candidate"]],
+                  seed: int) -> dict[str, float]:
         """Receive distributions from ``senders`` (pair -> (top-k, mapping into our
-        vocabulary)), select per example, distil, and report metrics."""
+        vocabulary)), select a teacher per public example, and distil; one plug-in
+        transfer per pair adds its selected paths and extra loss."""
         o = self.options
         enc, own = self._topk(node, lm, vocab)
-        own_ce = _ce(own, o.metric)
         own_spans = own.by_id()
         pairs = sorted(senders)
-        chosen_ids: dict[int, set[str]] = {}
-        chosen_items: dict[int, list[dict]] = {}
-        for p in pairs:
-            items = public_items(node.public, enc, senders[p][0])
-            chosen_items[p] = self.plugin.select(direction, rnd, items, node, lm, p)
-            chosen_ids[p] = {it["example_id"] for it in chosen_items[p]}
-        other_ce = np.full((len(pairs), len(enc)), np.nan)
         sender_spans = {p: senders[p][0].by_id() for p in pairs}
+        other_ce = np.full((len(pairs), len(enc)), np.nan)
         for m, p in enumerate(pairs):
             ce = dict(zip(senders[p][0].ids, _ce(senders[p][0], o.metric).tolist()))
             for n, e in enumerate(enc):
-                if e.example_id in chosen_ids[p] and e.example_id in sender_spans[p]:
+                if e.example_id in sender_spans[p]:
                     other_ce[m, n] = ce[e.example_id]
         if o.selection == "greater":
-            teacher = choose_teacher(own_ce, other_ce)
+            teacher = choose_teacher(_ce(own, o.metric), other_ce)
         else:  # always the other side's distribution (lowest CE among the senders)
             teacher = choose_teacher(np.full(len(enc), np.inf), other_ce)
         samples: list[DistillSample] = []
         aligned_share: list[float] = []
         n_other = 0
         for n, e in enumerate(enc):
-            if not any(e.example_id in chosen_ids[p] for p in pairs):
-                continue  # the plug-in kept this example for no pair: nothing to learn from it
             t = int(teacher[n])
             if t == 0 or np.isnan(other_ce[t - 1, n]):
                 ids, probs = own_targets(own, own_spans[e.example_id], o.temperature)
@@ -396,14 +361,20 @@ class FedMKTHost(Host):
                 aligned_share.append(float(aligned.mean()) if len(aligned) else 0.0)
                 n_other += 1
             samples.append(DistillSample(e, ids, probs))
-        extras = [x for p in pairs if (x := self.plugin.extra_loss(direction, rnd, chosen_items[p], node, lm, p))]
-        stats = distill(lm, samples, steps, self.cfg.train, seed, o.alpha, 1.0 - o.alpha, extras,
-                        desc=f"{node.participant} fedmkt {direction}")
-        for p in pairs:
-            self.plugin.after_update(direction, rnd, chosen_items[p], node, lm, p)
+        with contextlib.ExitStack() as stack:
+            transfers: list[Transfer] = [
+                stack.enter_context(self.plugin.transfer(direction, rnd, p, node, lm, candidates.get(p, [])))
+                for p in pairs]
+            paths = encode_paths(lm, [pp for t in transfers for pp in path_pairs(t.items)], self.cfg.train.max_length)
+            mix = samples + paths
+            stats = distill(lm, mix, transfer_steps(self.cfg, len(mix)), self.cfg.train, seed, o.alpha,
+                            1.0 - o.alpha, mean_loss(transfers), desc=f"{node.participant} fedmkt {direction}")
         metrics = {"kd_loss": stats["kd_loss"], "lm_loss": stats["lm_loss"], "distill_samples": len(samples),
+                   "distill_paths": len(paths), "distill_steps": stats["steps"],
                    "other_share": n_other / len(samples) if samples else 0.0,
                    "aligned_share": float(np.mean(aligned_share)) if aligned_share else 0.0}
+        if not np.isnan(stats["extra_loss"]):
+            metrics["extra_loss"] = stats["extra_loss"]
         for name, v in metrics.items():
             node.log_metric(name, v)
         return metrics
@@ -418,7 +389,7 @@ class FedMKTHost(Host):
         if phase == "server_logits":
             lm = server.model()
             _, tk = self._topk(server, lm, vocab_of(lm.tokenizer))
-            payload = tk.to_payload()
+            payload = {**tk.to_payload(), **self.plugin.paths_to_send("down", rnd, server)}
             return {k: dict(payload) for k in client_ids}
         raise KeyError(f"fedmkt: unknown phase {phase!r}")
 
@@ -432,15 +403,13 @@ class FedMKTHost(Host):
             vocab = vocab_of(lm.tokenizer)
             senders = {k: (TopK.from_payload(r, f"client-{k} top-k"), load_mapping(server, f"client{k}_to_llm"))
                        for k, r in replies.items()}
-            self._transfer("up", rnd, server, lm, vocab, senders, self._steps(self.cfg.train.server_steps),
-                           server.seed + rnd)
+            candidates = {k: self.plugin.paths_received("up", r, server) for k, r in replies.items()}
+            self._transfer("up", rnd, server, lm, vocab, senders, candidates, server.seed + rnd)
             server.save_model(lm)
             server.save_state()
 
     # ---- client side
     def client_handle(self, phase, rnd, payload, client):
-        from lada.models.training import train_steps
-
         lm = client.model()
         vocab = vocab_of(lm.tokenizer)
         if phase == "vocab":
@@ -456,11 +425,12 @@ class FedMKTHost(Host):
             return {"train_loss": float(stats["loss"])}
         if phase == "client_logits":
             _, tk = self._topk(client, lm, vocab)
-            return tk.to_payload()
+            return {**tk.to_payload(), **self.plugin.paths_to_send("up", rnd, client)}
         if phase == "server_logits":
             tk = TopK.from_payload(payload, "server top-k")
+            candidates = {client.index: self.plugin.paths_received("down", payload, client)}
             m = self._transfer("down", rnd, client, lm, vocab, {client.index: (tk, load_mapping(client, "llm_to_client"))},
-                               self._steps(self.cfg.train.local_steps), client.seed + 7919 * rnd)
+                               candidates, client.seed + 7919 * rnd)
             client.save_model(lm)
             return {k: float(v) for k, v in m.items()}
         raise KeyError(f"fedmkt: unknown phase {phase!r}")

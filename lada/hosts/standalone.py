@@ -4,11 +4,13 @@ The lower bound every collaboration method must beat."""
 from __future__ import annotations
 
 from lada.hosts.common import private_pairs
-from lada.protocol.host import Host, Phase
+from lada.models.training import train_steps
+from lada.protocol.host import Capabilities, Host, Phase
 
 
 class StandaloneHost(Host):
     name = "standalone"
+    capabilities = Capabilities(collaborative=False)
 
     def phases(self, rnd: int) -> list[Phase]:
         return [Phase("local_train", "train")]
@@ -17,8 +19,6 @@ class StandaloneHost(Host):
         return {k: {"round": rnd} for k in client_ids}
 
     def client_handle(self, phase, rnd, payload, client):
-        from lada.models.training import train_steps
-
         lm = client.model()
         stats = train_steps(lm, private_pairs(client.train_set), self.cfg.train.local_steps, self.cfg.train,
                             seed=client.seed + rnd, desc=f"{client.participant} local")

@@ -1,27 +1,4 @@
-"""Plug-ins that change what a host transfers and how. `none` is the plain host;
-`lada` is the learnability-aware filter plus contrastive reasoning distillation."""
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-from lada.hosts import _resolve, options_for
-
-if TYPE_CHECKING:
-    from lada.config import RunConfig
-    from lada.protocol.host import Plugin
-
-PLUGINS: dict[str, str] = {
-    "none": "lada.protocol.host:Plugin",
-    "lada": "lada.plugin.lada:LadaPlugin",
-}
-
-
-def plugin_config(cfg: "RunConfig", where: str = "config") -> Any:
-    cls = _resolve(PLUGINS, cfg.plugin_name, "plugin", f"{where} [plugin].name")
-    return options_for(cls, cfg.plugin, f"{where} [plugin]")
-
-
-def make_plugin(cfg: "RunConfig") -> "Plugin":
-    cls = _resolve(PLUGINS, cfg.plugin_name, "plugin", "[plugin].name")
-    return cls(cfg, options_for(cls, cfg.plugin, "[plugin]"))
+"""The LaDa plug-in: the learnability-aware data filter (`filter`), contrastive
+reasoning distillation (`losses`) and the transfer lifecycle that joins them to any
+host (`lada`). Options live in `options` (torch-free); the plug-in is registered by
+name in `lada.registry` (`none` there is the plain host)."""

@@ -5,13 +5,14 @@ interface, so the plug-in and the ablations (``none``, ``random``, ``loss``) dif
 only in the ``kind`` config field:
 
     select(contexts [N, d], budget, rng) -> indices      (this round's training set)
-    update(contexts_selected [M, d], rewards [M])        (bandit feedback)
+    decision_predictions() -> [M] or None                (rewards predicted for the last selection, when made)
+    update(contexts_selected [M, d], rewards [M], predicted)  (bandit feedback)
     state_dict() / load_state_dict(state)                (persist across rounds)
     diagnostics() -> dict                                (numbers worth logging)
 
 ``LadaFilter`` is a neural contextual bandit of the EE-Net kind (Ban et al.,
 arXiv 2110.03177): an exploitation net f1 regresses the observed reward of a sample
-from its context; an exploration net f2 regresses the residual reward - f1(x) from a
+from its context; an exploration net f2 regresses the residual reward - f1(x) (f1 as it was when the sample was chosen) from a
 summary of f1's gradient. The score f1 + alpha * f2 is min-max normalised over the
 candidates and samples above a threshold are kept (at most ``budget``). With no reward
 history yet (round 1) the filter clusters the contexts with k-means and takes a budget
@@ -26,50 +27,13 @@ filter reads the NLL column at ``FilterConfig.nll_column`` (-4 for that layout).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-FILTER_KINDS = ("none", "random", "loss", "lada")
-
-
-@dataclass
-class FilterConfig:
-    """Options of one data filter (the ``filter_*`` keys of the plug-in config)."""
-
-    kind: str = "lada"  # none | random | loss | lada
-    alpha: float = 1.0  # exploration weight: score = f1 + alpha * f2
-    threshold: float = 0.5  # keep candidates whose min-max normalised score is >= this
-    budget_fraction: float = 0.5  # budget = ceil(fraction * candidates) ...
-    max_budget: int = 0  # ... capped at this (0: no cap)
-    epochs: int = 10  # passes over the replay history per update
-    hidden: int = 64  # width of f1 and f2
-    lr: float = 1e-3
-    history_size: int = 5000  # replay history (FIFO)
-    num_clusters: int = 8  # k-means clusters for the cold start
-    seed: int = 0
-    nll_column: int = -4  # context column holding the receiver's per-token NLL (loss filter)
-    block_size: int = 2  # f2 input: f1's hidden activations averaged over blocks of this many units
-    batch_size: int = 64  # minibatch of the filter nets' training
-
-    def validate(self, where: str = "filter") -> None:
-        from lada.config import check_choice, check_non_negative, check_positive, check_range
-
-        check_choice(self, where, "kind", FILTER_KINDS)
-        check_range(self, where, "budget_fraction", 0.0, 1.0, lo_open=True)
-        check_range(self, where, "threshold", 0.0, 1.0)
-        check_non_negative(self, where, "alpha", "max_budget")
-        check_positive(self, where, "epochs", "hidden", "history_size", "num_clusters", "block_size", "batch_size",
-                       "lr")
-
-    def budget_for(self, n_candidates: int) -> int:
-        """How many of ``n_candidates`` a round may keep."""
-        b = math.ceil(self.budget_fraction * n_candidates)
-        if self.max_budget > 0:
-            b = min(b, self.max_budget)
-        return min(b, n_candidates)
+from lada.plugin.options import FILTER_KINDS, FilterConfig  # noqa: F401  (FilterConfig re-exported)
 
 
 def _generator(rng: torch.Generator | int | None, fallback: int) -> torch.Generator:
@@ -104,7 +68,12 @@ class DataFilter:
         self._diag = {"candidates": float(n), "selected": float(n)}
         return list(range(n))
 
-    def update(self, contexts_selected: Tensor, rewards: Tensor) -> None:
+    def decision_predictions(self) -> Tensor | None:
+        """The rewards the filter predicted for its last selection, in selection order,
+        at the moment it chose (None: it predicts nothing)."""
+        return None
+
+    def update(self, contexts_selected: Tensor, rewards: Tensor, predicted: Tensor | None = None) -> None:
         """Record feedback; only the bandit learns from it, the others just count."""
         self._diag["updates"] = self._diag.get("updates", 0.0) + 1
         if len(rewards):
@@ -160,28 +129,33 @@ class LossFilter(DataFilter):
 def kmeans(x: Tensor, k: int, seed: int, iters: int = 50) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means with k-means++ seeding, deterministic by ``seed``.
 
-    Returns (centroids [k, d], assignment [N]). An emptied cluster is re-seeded at the
-    point farthest from its centroid, so every cluster keeps at least one member."""
+    Returns (centroids [k', d], assignment [N]) with k' = min(k, distinct points): more
+    clusters than distinct points would only split duplicates. A cluster that empties
+    during the iterations takes the point farthest from its centroid among clusters
+    that have a member to spare, so every cluster keeps at least one member and every
+    centroid is a mean of real points (never of an empty set)."""
     n = x.shape[0]
-    k = max(1, min(k, n))
+    k = max(1, min(k, n, int(torch.unique(x, dim=0).shape[0]) if n else 1))
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randint(n, (1,), generator=g)].clone()
     for _ in range(1, k):
         d2 = torch.cdist(x, centroids).pow(2).min(dim=1).values
-        if float(d2.sum()) <= 0:  # fewer distinct points than k: duplicate centroids are harmless
-            nxt = torch.randint(n, (1,), generator=g)
-        else:
-            nxt = torch.multinomial(d2 / d2.sum(), 1, generator=g)
+        # k <= distinct points, so some point is away from every centroid so far
+        nxt = torch.multinomial(d2 / d2.sum(), 1, generator=g)
         centroids = torch.cat([centroids, x[nxt]])
     assign = torch.zeros(n, dtype=torch.long)
     for it in range(iters):
         dist = torch.cdist(x, centroids)
         new_assign = dist.argmin(dim=1)
+        own = dist.gather(1, new_assign.unsqueeze(1)).squeeze(1)
         for c in range(k):
-            if not (new_assign == c).any():
-                far = dist.min(dim=1).values.argmax()
-                new_assign[far] = c
-                dist[far] = math.inf  # not chosen again for another empty cluster
+            if (new_assign == c).any():
+                continue
+            sizes = torch.bincount(new_assign, minlength=k)
+            spare = sizes[new_assign] > 1  # moving such a point empties no other cluster
+            far = int(torch.where(spare, own, torch.full_like(own, -1.0)).argmax())
+            new_assign[far] = c
+            own[far] = 0.0  # now its cluster's only member, at distance 0 from its new centroid
         if it > 0 and torch.equal(new_assign, assign):
             break
         assign = new_assign
@@ -239,9 +213,12 @@ class LadaFilter(DataFilter):
         self.count = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
-        # replay history of (raw context, reward), FIFO-capped
+        # replay history of (raw context, reward, f1's predicted reward when the sample
+        # was chosen), FIFO-capped
         self.hist_x = torch.zeros(0, 0)
         self.hist_r = torch.zeros(0)
+        self.hist_f1 = torch.zeros(0)
+        self._decision: Tensor | None = None
         self.r_mean = 0.0
         self.r_std = 1.0
         self.num_updates = 0
@@ -270,6 +247,7 @@ class LadaFilter(DataFilter):
         self.mean = torch.zeros(dim)
         self.m2 = torch.zeros(dim)
         self.hist_x = torch.zeros(0, dim)
+        self.hist_f1 = torch.zeros(0)
 
     def _ensure(self, dim: int, where: str) -> None:
         if self.dim is None:
@@ -333,6 +311,8 @@ class LadaFilter(DataFilter):
         n = contexts.shape[0]
         self._ensure(contexts.shape[1], "lada filter")
         budget = max(0, min(budget, n))
+        f1, _ = self.predict(contexts)  # f1 at decision time, with the standardisation it was trained with
+        self._decision = torch.zeros(0)
         if n == 0 or budget == 0:
             self._observe(contexts)
             self._diag = {"candidates": float(n), "selected": 0.0, "cold_start": float(len(self.hist_r) == 0)}
@@ -340,10 +320,10 @@ class LadaFilter(DataFilter):
         if len(self.hist_r) == 0:
             self._observe(contexts)
             chosen = cluster_spread(self._standardise(contexts), budget, self.cfg.num_clusters, self.cfg.seed)
+            self._decision = f1[chosen] * self.r_std + self.r_mean
             self._diag = {"candidates": float(n), "selected": float(len(chosen)), "cold_start": 1.0,
                           "history": 0.0}
             return chosen
-        f1, _ = self.predict(contexts)
         score = self.scores(contexts)
         order = torch.argsort(-score, stable=True)
         chosen = [i for i in order.tolist() if score[i] >= self.cfg.threshold][:budget]
@@ -351,6 +331,7 @@ class LadaFilter(DataFilter):
         # with the standardisation they were trained with; the next update retrains on it.
         self._observe(contexts)
         pred = f1[chosen] * self.r_std + self.r_mean
+        self._decision = pred.clone()
         self._diag = {"candidates": float(n), "selected": float(len(chosen)), "cold_start": 0.0,
                       "history": float(len(self.hist_r)),
                       "candidates_mean_predicted_reward": float((f1 * self.r_std + self.r_mean).mean())}
@@ -358,7 +339,13 @@ class LadaFilter(DataFilter):
             self._diag.update({"mean_score": float(score[chosen].mean()), "mean_predicted_reward": float(pred.mean())})
         return chosen
 
-    def update(self, contexts_selected: Tensor, rewards: Tensor) -> None:
+    def decision_predictions(self) -> Tensor | None:
+        return None if self._decision is None else self._decision.clone()
+
+    def update(self, contexts_selected: Tensor, rewards: Tensor, predicted: Tensor | None = None) -> None:
+        """Add (context, reward, f1's prediction at decision time) to the history and
+        retrain. ``predicted`` comes from ``decision_predictions()``; when None (feedback
+        on contexts this filter did not choose) f1's current prediction stands in."""
         x = _check_contexts(contexts_selected, "lada filter update")
         r = torch.as_tensor(rewards, dtype=torch.float32).detach().cpu().reshape(-1)
         if x.shape[0] != r.shape[0]:
@@ -366,11 +353,18 @@ class LadaFilter(DataFilter):
         if not torch.isfinite(r).all():
             raise ValueError("lada filter update: rewards hold a non-finite value")
         self._ensure(x.shape[1], "lada filter update")
+        if predicted is None:
+            f1, _ = self.predict(x)
+            predicted = f1 * self.r_std + self.r_mean
+        predicted = torch.as_tensor(predicted, dtype=torch.float32).detach().cpu().reshape(-1)
+        if predicted.shape[0] != r.shape[0]:
+            raise ValueError(f"lada filter update: {predicted.shape[0]} predictions but {r.shape[0]} rewards")
         if self.count == 0:  # update before any select: the contexts still define the scale
             self._observe(x)
         cap = self.cfg.history_size
         self.hist_x = torch.cat([self.hist_x, x])[-cap:]
         self.hist_r = torch.cat([self.hist_r, r])[-cap:]
+        self.hist_f1 = torch.cat([self.hist_f1, predicted])[-cap:]
         self.num_updates += 1
         loss1, loss2 = self._train()
         self._diag.update({"updates": float(self.num_updates), "history": float(len(self.hist_r)),
@@ -378,7 +372,10 @@ class LadaFilter(DataFilter):
                            "f1_loss": loss1, "f2_loss": loss2})
 
     def _train(self) -> tuple[float, float]:
-        """``epochs`` passes of f1 on the standardised rewards, then of f2 on f1's residuals."""
+        """``epochs`` passes of f1 on the standardised rewards, then of f2 on the residual
+        of each reward against f1's prediction *when the sample was chosen* (EE-Net: the
+        exploration net learns how wrong the exploitation net was at decision time; the
+        freshly refitted f1's in-sample residual would be near zero)."""
         n = len(self.hist_r)
         if n == 0:
             return 0.0, 0.0
@@ -389,7 +386,7 @@ class LadaFilter(DataFilter):
         g = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.num_updates)
         loss1 = self._fit(self.f1, self.opt1, z, y, g)
         with torch.no_grad():
-            resid = y - self.f1(z).squeeze(1)
+            resid = y - (self.hist_f1 - self.r_mean) / self.r_std
             phi = self._phi(z)
         loss2 = self._fit(self.f2, self.opt2, phi, resid, g)
         return loss1, loss2
@@ -418,6 +415,7 @@ class LadaFilter(DataFilter):
                       "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
                       "count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone(),
                       "hist_x": self.hist_x.clone(), "hist_r": self.hist_r.clone(),
+                      "hist_f1": self.hist_f1.clone(),
                       "r_mean": self.r_mean, "r_std": self.r_std, "num_updates": self.num_updates})
         return state
 
@@ -433,6 +431,7 @@ class LadaFilter(DataFilter):
         self.count = int(state["count"])
         self.mean, self.m2 = state["mean"].clone(), state["m2"].clone()
         self.hist_x, self.hist_r = state["hist_x"].clone(), state["hist_r"].clone()
+        self.hist_f1 = state["hist_f1"].clone()
         self.r_mean, self.r_std = float(state["r_mean"]), float(state["r_std"])
         self.num_updates = int(state["num_updates"])
 

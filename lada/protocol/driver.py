@@ -1,6 +1,6 @@
 """The federation's round loop, independent of any transport.
 
-`run_federation` drives setup, every round's host (and plug-in) phases and the
+`run_federation` drives setup, every round's host phases and the
 evaluation, on the server side; `handle_message` is everything a client does with one
 message. Engines supply a `Transport` (Flower Grid messages, or direct calls for the
 inline debug engine) and never look inside payloads.
@@ -16,7 +16,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from lada.protocol.host import Host, Phase, Plugin
+from lada import registry
+from lada.protocol.host import PLUGIN_PREFIX, Host, Phase, Plugin
 from lada.protocol.payload import Payload, check_payload, payload_nbytes
 
 SETUP = Phase("setup", "query")
@@ -35,15 +36,19 @@ class Transport(Protocol):
 
 @dataclass
 class RoundTraffic:
-    """Bytes per client and direction in one round (down = server -> client)."""
+    """Bytes per client and direction in one round (down = server -> client); of those,
+    the bytes of plug-in entries (keys starting with ``PLUGIN_PREFIX``) again apart."""
 
     down: dict[int, int] = field(default_factory=dict)
     up: dict[int, int] = field(default_factory=dict)
+    plugin_down: dict[int, int] = field(default_factory=dict)
+    plugin_up: dict[int, int] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
 
-    def add(self, cid: int, down: int, up: int, seconds: float) -> None:
-        self.down[cid] = self.down.get(cid, 0) + down
-        self.up[cid] = self.up.get(cid, 0) + up
+    def add(self, cid: int, down: Payload, up: Payload, seconds: float) -> None:
+        for total, part, p in ((self.down, self.plugin_down, down), (self.up, self.plugin_up, up)):
+            total[cid] = total.get(cid, 0) + payload_nbytes(p)
+            part[cid] = part.get(cid, 0) + payload_nbytes({k: v for k, v in p.items() if k.startswith(PLUGIN_PREFIX)})
         self.seconds[cid] = self.seconds.get(cid, 0.0) + seconds
 
 
@@ -68,7 +73,7 @@ def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, 
         if reply is not None and "error" not in reply:
             good[cid] = reply
             if traffic is not None:
-                traffic.add(cid, payload_nbytes(payloads[cid]), payload_nbytes(reply), float(reply.get("_seconds", 0.0)))
+                traffic.add(cid, payloads[cid], reply, float(reply.get("_seconds", 0.0)))
             continue
         if reply is None:
             full = short = f"round {rnd}, phase {phase.name!r}: no reply from client(s) [{cid}]"
@@ -168,14 +173,13 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
         t0 = time.perf_counter()
         traffic = RoundTraffic()
         state = start_round(rnd)
-        steps = [(host, ph) for ph in host.phases(rnd)] + [(plugin, ph) for ph in plugin.phases(rnd)]
-        for owner, phase in steps:
+        for phase in host.phases(rnd):
             progress(f"round {rnd}/{cfg.rounds}: {phase.name} ({len(state.active)} client(s))")
-            out = owner.server_send(phase.name, rnd, server, list(state.active))
+            out = host.server_send(phase.name, rnd, server, list(state.active))
             out = {k: p for k, p in out.items() if k in state.active}
             replies = _exchange(transport, phase, rnd, out, traffic, state.failures, bases, attempt) if out else {}
             state.drop_failed(rnd, phase.name, progress)
-            owner.server_receive(phase.name, rnd, replies, server)
+            host.server_receive(phase.name, rnd, replies, server)
             _count_nonfinite_steps(server)
         finish_round(rnd, state, traffic, time.perf_counter() - t0)
 
@@ -209,7 +213,8 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
     correct, cached = _llm_correct(cfg, server)
     llm_row = {"round": rnd, "participant": "llm", "accuracy": sum(correct) / max(1, len(correct)),
                "n_test": len(correct), "bytes_up": sum(traffic.up.values()),
-               "bytes_down": sum(traffic.down.values()), "seconds": round_seconds,
+               "bytes_down": sum(traffic.down.values()), "lada_bytes_up": sum(traffic.plugin_up.values()),
+               "lada_bytes_down": sum(traffic.plugin_down.values()), "seconds": round_seconds,
                "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached)}
     llm_row.update(_accuracy_by_domain(server.test_set, correct))
     llm_row.update(server.pop_metrics())
@@ -222,6 +227,7 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
             r = replies[k]
             row = {"round": rnd, "participant": f"client-{k}", "accuracy": float(r["accuracy"]), "n_test": int(r["n"]),
                    "bytes_up": traffic.up.get(k, 0), "bytes_down": traffic.down.get(k, 0),
+                   "lada_bytes_up": traffic.plugin_up.get(k, 0), "lada_bytes_down": traffic.plugin_down.get(k, 0),
                    "seconds": traffic.seconds.get(k, 0.0)}
             row.update({key[2:]: v for key, v in r.items() if key.startswith("m_")})
         else:
@@ -348,16 +354,11 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
         if base is not None:
             snapshot(ws, rnd)  # this round's state, kept until the server commits a later one
         return reply
-    from lada.hosts import make_host
-    from lada.plugin import make_plugin
-
-    plugin = make_plugin(cfg)
-    host = make_host(cfg, plugin)
-    owner = host if phase in {p.name for p in host.phases(rnd)} else plugin
+    host = registry.make_host(cfg, registry.make_plugin(cfg))
     from lada.models.training import pop_nonfinite_steps
 
     pop_nonfinite_steps()  # count only this phase's steps
-    reply = owner.client_handle(phase, rnd, payload, node)
+    reply = host.client_handle(phase, rnd, payload, node)
     _count_nonfinite_steps(node)
     node.save_state()
     return reply
@@ -387,8 +388,6 @@ def serve(cfg, transport: Transport, progress: Callable[[str], None] = print, re
     server's state goes back to that round). Returns the rows of this call."""
     import json
 
-    from lada.hosts import make_host
-    from lada.plugin import make_plugin
     from lada.protocol.commit import read_commit, restore, write_commit
     from lada.protocol.node import ServerNode, server_workspace
 
@@ -406,8 +405,8 @@ def serve(cfg, transport: Transport, progress: Callable[[str], None] = print, re
     else:
         metrics_path.unlink(missing_ok=True)
     server = ServerNode(cfg, server_workspace(cfg))
-    plugin = make_plugin(cfg)
-    host = make_host(cfg, plugin)
+    plugin = registry.make_plugin(cfg)
+    host = registry.make_host(cfg, plugin)
     all_rows: list[dict] = []
 
     def on_round(rnd: int, rows: list[dict]) -> None:

@@ -63,6 +63,11 @@ class Node:
         """Record a number for this round's metrics row (sent with the evaluation)."""
         self.state.setdefault("metrics", {})[name] = float(value)
 
+    def add_metric(self, name: str, value: float) -> None:
+        """Accumulate into this round's metric ``name`` (e.g. seconds over several calls)."""
+        metrics = self.state.setdefault("metrics", {})
+        metrics[name] = float(metrics.get(name, 0.0)) + float(value)
+
     def pop_metrics(self) -> dict[str, float]:
         m = self.state.get("metrics", {})
         self.state["metrics"] = {}
