@@ -79,3 +79,30 @@ def test_fedcollm_round_shares_one_slm_and_distils_mutually(tmp_path, tmp_path_f
         assert all(np.array_equal(got[n], ref[n]) for n in ref)
         base = lm.model.get_base_model().state_dict()
         assert all(np.array_equal(base[n].numpy(), t.numpy()) for n, t in ref_base.items())
+
+
+def test_fedcollm_with_the_lada_plugin_runs_the_same_algorithm_on_the_server(tmp_path, tmp_path_factory, monkeypatch):
+    """Down: the LLM's paths for the shared SLM (pair 0), never on the wire. Up: each
+    client's paths ride up beside its adapter; pair k's filter learns from its own."""
+    import math
+
+    import torch
+
+    from lada import registry
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(registry.PLUGINS, "lada", "test_fedmkt:GoldSender")
+    lada = ['plugin.name="lada"', "plugin.filter.num_clusters=2", "plugin.filter.epochs=1", "plugin.negative_paths=1"]
+    cfg, _, rows = run_tiny("fedcollm", tmp_path, tmp_path_factory.mktemp("cache"), extra=(*SAME_SLM, *lada))
+    llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    clients = [r for r in rows if r["round"] == 1 and r["participant"] != "llm"]
+    assert llm["lada_down_candidates"] == 5 and llm["lada_down_selected"] >= 1
+    assert llm["slm_distill_paths"] == llm["lada_down_selected"] and llm["slm_distill_samples"] == 6
+    server_ws = cfg.resolved_run_dir() / "nodes" / "server"
+    for k in range(3):
+        assert llm[f"lada_up{k}_candidates"] == 2 + k
+        assert 1 <= llm[f"lada_up{k}_selected"] <= math.ceil(0.5 * (2 + k))
+        assert len(torch.load(server_ws / f"filter-up-{k}.pt", weights_only=True)["hist_r"]) == llm[f"lada_up{k}_selected"]
+    assert llm["llm_distill_paths"] == sum(llm[f"lada_up{k}_selected"] for k in range(3))
+    for r in clients:
+        assert r["lada_bytes_up"] > 0 and r["lada_bytes_down"] == 0

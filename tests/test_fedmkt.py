@@ -1,7 +1,16 @@
+import contextlib
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from lada.config import ConfigError, load_config
+from lada import registry
+from lada.data.records import example_prompt, example_target
+from lada.plugin.lada import LadaPlugin
+from lada.protocol.host import PLUGIN_PREFIX, Plugin, Transfer
+from lada.protocol.paths import Candidate, paths_to_payload
 from lada.hosts.fedmkt import (Encoded, FedMKTConfig, TopK, choose_teacher, own_targets, transfer_targets)
 from lada.protocol.driver import handle_message, run_federation
 
@@ -72,7 +81,7 @@ def test_config_is_validated(field, value, msg):
 TINY = ["rounds=1", "data.train_per_client=8", "data.test_per_client=3", "data.public_size=6",
         "data.server_test_size=4", "data.server_train_size=30", "server.warmup_steps=2",
         "clients.0.warmup_steps=2", "clients.1.warmup_steps=2", "clients.2.warmup_steps=2",
-        "train.local_steps=1", "train.server_steps=1", "train.batch_size=4", "generation.max_new_tokens=4"]
+        "train.local_steps=1", "train.transfer_epochs=1.0", "train.batch_size=4", "generation.max_new_tokens=4"]
 
 
 class DirectTransport:
@@ -92,9 +101,8 @@ class DirectTransport:
 
 
 def run_tiny(host: str, tmp_path, cache, extra=(), plugin=None):
-    from lada.hosts import make_host
-    from lada.plugin import make_plugin
     from lada.protocol.node import ServerNode, server_workspace
+    from lada.registry import make_host, make_plugin
 
     cfg = load_config("configs/tiny-test.toml", [f'host.name="{host}"', f'run_dir="{tmp_path}/run"',
                                                   f'cache_dir="{cache}"', *TINY, *extra])
@@ -128,48 +136,70 @@ def test_fedmkt_round_on_tiny_heterogeneous_models(tmp_path, model_cache, monkey
     assert (nodes / "client-1" / "token_maps" / "llm_to_client.npy").is_file()
 
 
-class KeepThree:
-    """A plug-in that keeps the first three candidates of every transfer and records
-    the hooks it sees (server side only: clients build theirs from the config)."""
+class ConstantLoss(Plugin):
+    """A plug-in whose transfers keep the first three candidates and add a constant
+    loss pair + 1, recording the transfers it sees (server side only: clients build
+    theirs from the config)."""
 
-    name = "keep-three"
+    name = "constant-loss"
 
     def __init__(self, cfg):
-        from lada.protocol.host import Plugin
+        super().__init__(cfg)
+        self.calls: list[tuple[str, int, int]] = []
 
-        self.base = Plugin(cfg)
-        self.calls: list[tuple[str, str, int, int]] = []
-
-    def __getattr__(self, name):
-        return getattr(self.base, name)
-
-    def select(self, direction, rnd, items, node, lm, pair):
-        assert {"example_id", "prompt", "text", "correct", "sender_logprob", "n_tokens"} <= set(items[0])
-        self.calls.append(("select", direction, pair, len(items)))
-        return items[:3]
-
-    def extra_loss(self, direction, rnd, items, node, lm, pair):
-        import torch
-
-        self.calls.append(("extra_loss", direction, pair, len(items)))
-        return lambda step: torch.zeros(())
-
-    def after_update(self, direction, rnd, items, node, lm, pair):
-        self.calls.append(("after_update", direction, pair, len(items)))
+    @contextlib.contextmanager
+    def transfer(self, direction, rnd, pair, node, lm, candidates):
+        self.calls.append((direction, pair, len(candidates)))
+        yield Transfer(direction, pair, candidates[:3], lambda step: torch.tensor(float(pair + 1)), len(candidates))
 
 
-def test_fedmkt_calls_the_plugin_hooks_per_pair_on_the_server(tmp_path, model_cache, monkeypatch):
+def test_fedmkt_opens_one_transfer_per_pair_and_averages_their_losses(tmp_path, model_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     made = []
 
     def factory(cfg):
-        made.append(KeepThree(cfg))
+        made.append(ConstantLoss(cfg))
         return made[0]
 
     _, _, rows = run_tiny("fedmkt", tmp_path, model_cache, plugin=factory)
-    calls = made[0].calls
-    assert [c for c in calls if c[0] == "select"] == [("select", "up", k, 6) for k in range(3)]
-    assert [c for c in calls if c[0] == "after_update"] == [("after_update", "up", k, 3) for k in range(3)]
-    assert len([c for c in calls if c[0] == "extra_loss"]) == 3
+    assert made[0].calls == [("up", k, 0) for k in range(3)]  # the plain paths exchange: no paths ride along
     llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
-    assert llm["distill_samples"] == 3  # only examples some pair kept are distilled
+    assert llm["distill_samples"] == 6  # the host distils on the whole public set whatever the plug-in keeps
+    # the pairs' losses 1, 2, 3 are averaged (2), not summed (6)
+    assert llm["extra_loss"] == pytest.approx(2.0)
+    assert llm["distill_steps"] == math.ceil(1.0 * 6 / 4)  # budget: transfer_epochs passes over the mix
+
+
+class GoldSender(LadaPlugin):
+    """The real LaDa plug-in, except that senders send gold rationales as their paths
+    (tiny untrained models write no verified path): client k answers 2 + k questions."""
+
+    def paths_to_send(self, direction, rnd, node):
+        if not self._rides_beside(direction):
+            return {}
+        n = 2 + getattr(node, "index", 3)
+        cands = [Candidate(ex.id, example_prompt(ex), example_target(ex), -5.0, 9, 1, True) for ex in node.public[:n]]
+        return paths_to_payload(cands, prefix=PLUGIN_PREFIX)
+
+
+def test_fedmkt_with_the_lada_plugin_rewards_each_pair_on_its_own_selection(tmp_path, model_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(registry.PLUGINS, "lada", "test_fedmkt:GoldSender")  # clients build theirs from the config
+    lada = ['plugin.name="lada"', "plugin.filter.num_clusters=2", "plugin.filter.epochs=1", "plugin.negative_paths=1"]
+    cfg, _, rows = run_tiny("fedmkt", tmp_path, model_cache, extra=lada)
+    llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    clients = [r for r in rows if r["round"] == 1 and r["participant"] != "llm"]
+    server_ws = cfg.resolved_run_dir() / "nodes" / "server"
+    for k in range(3):
+        assert llm[f"lada_up{k}_candidates"] == 2 + k  # pair k's candidates are client k's paths only
+        selected = llm[f"lada_up{k}_selected"]
+        assert 1 <= selected <= math.ceil(0.5 * (2 + k))
+        state = torch.load(server_ws / f"filter-up-{k}.pt", weights_only=True)
+        assert len(state["hist_r"]) == selected  # rewarded on its own selection, nothing else
+    assert llm["distill_paths"] == sum(llm[f"lada_up{k}_selected"] for k in range(3))
+    for r in clients:  # the LLM's paths ride down beside the logits, each client's up: bytes counted apart
+        assert r["lada_bytes_down"] > 0 and r["lada_bytes_up"] > 0
+        assert r["bytes_down"] > r["lada_bytes_down"] and r["bytes_up"] > r["lada_bytes_up"]
+        assert r["lada_down_candidates"] == 5 and r["lada_down_selected"] >= 1
+    assert llm["lada_bytes_up"] == sum(r["lada_bytes_up"] for r in clients)
+    assert not list(cfg.resolved_run_dir().rglob("*pending*"))

@@ -1,5 +1,7 @@
-"""The LaDa plug-in's hooks on a tiny model, without a host: contexts, the select ->
-train -> reward loop, the contrastive extra loss, the upward phase's server side, config."""
+"""The LaDa plug-in's transfer lifecycle on a tiny model, without a host: contexts,
+the select -> train -> reward loop (state read and written once, nothing pending on
+disk), the contrastive extra loss (same mode for reference and policy), paths beside a
+host's exchange, config."""
 
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lada.config import ConfigError, GenerationConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from lada.data.answers import check_steps  # noqa: E402
 from lada.data.records import Example, example_prompt, example_target  # noqa: E402
-from lada.hosts import options_for  # noqa: E402
 from lada.models.loading import build_model  # noqa: E402
 from lada.models.scoring import mean_nll  # noqa: E402
 from lada.models.training import train_steps  # noqa: E402
 from lada.plugin.filter import FilterConfig  # noqa: E402
-from lada.plugin.lada import (UP_PHASE, LadaConfig, LadaPlugin, _domain_shares, _pick_negative,  # noqa: E402
-                              build_contexts, learning_reward, receiver_features)
+from lada.plugin.lada import (LadaConfig, LadaPlugin, _domain_shares, _pick_negative, build_contexts,  # noqa: E402
+                              learning_reward, receiver_features)
+from lada.protocol.host import PLUGIN_PREFIX, Capabilities, Plugin, PluginNode  # noqa: E402
+from lada.protocol.paths import Candidate  # noqa: E402
+from lada.registry import build_options  # noqa: E402
 from helpers import arithmetic_examples  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -35,8 +40,8 @@ CORPUS = [t for ex in EXAMPLES for t in (example_prompt(ex), example_target(ex))
 
 
 class FakeNode:
-    """What the hooks use of a node: workspace, seed, public, log_metric (and, for the
-    upward phase, model/save_model)."""
+    """A participant as the plug-in sees it (``PluginNode``), plus a model for the
+    paths it sends."""
 
     def __init__(self, workspace: Path, lm=None, seed: int = 0) -> None:
         self.workspace = workspace
@@ -44,16 +49,15 @@ class FakeNode:
         self.public = EXAMPLES
         self.metrics: dict[str, float] = {}
         self.lm = lm
-        self.saved = 0
 
     def log_metric(self, name: str, value: float) -> None:
         self.metrics[name] = float(value)
 
+    def add_metric(self, name: str, value: float) -> None:
+        self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
+
     def model(self):
         return self.lm
-
-    def save_model(self, lm) -> None:
-        self.saved += 1
 
 
 @pytest.fixture(autouse=True)
@@ -70,23 +74,28 @@ def lm(tmp_path_factory):
 def run_cfg(**plugin) -> RunConfig:
     return RunConfig(host={"name": "cot"}, plugin={"name": "lada", **plugin},
                      clients=[ModelConfig(name="tiny-llama")],
-                     train=TrainConfig(lr=3e-3, batch_size=4, max_length=96, server_steps=3),
+                     train=TrainConfig(lr=3e-3, batch_size=4, max_length=96),
                      generation=GenerationConfig(paths_per_question=2, max_new_tokens=12, batch_size=16))
 
 
-def items_for(examples: list[Example], correct: bool = True) -> list[dict]:
-    return [{"example_id": ex.id, "prompt": example_prompt(ex), "text": example_target(ex), "correct": correct,
-             "sender_logprob": -12.0, "n_tokens": 12} for ex in examples]
+def cands_for(examples: list[Example], verified: bool = True) -> list[Candidate]:
+    return [Candidate(ex.id, example_prompt(ex), example_target(ex), -12.0, 12,
+                      check_steps(example_target(ex)).n_steps, verified) for ex in examples]
+
+
+def test_the_test_node_is_a_plugin_node(tmp_path):
+    assert isinstance(FakeNode(tmp_path), PluginNode)
+    assert not isinstance(object(), PluginNode)
 
 
 def test_receiver_features_match_scoring(lm):
-    items = items_for(EXAMPLES[:5])
-    hidden, nll, ntok = receiver_features(lm, [it["prompt"] for it in items], [it["text"] for it in items],
+    cands = cands_for(EXAMPLES[:5])
+    hidden, nll, ntok = receiver_features(lm, [c.prompt for c in cands], [c.text for c in cands],
                                           batch_size=2, max_length=96)
     assert hidden.shape == (5, 32) and torch.isfinite(hidden).all()
-    expected = mean_nll(lm, [it["prompt"] for it in items], [it["text"] for it in items], batch_size=3)
+    expected = mean_nll(lm, [c.prompt for c in cands], [c.text for c in cands], batch_size=3)
     assert torch.allclose(nll, expected, atol=1e-4)
-    ctx = build_contexts(hidden, nll, items, ntok)
+    ctx = build_contexts(hidden, nll, cands, ntok)
     assert ctx.shape == (5, 36)
     assert torch.equal(ctx[:, -4], nll) and torch.equal(ctx[:, -1], ntok)
     assert ctx[0, -3].item() == pytest.approx(-1.0)  # sender log-prob per token
@@ -94,49 +103,101 @@ def test_receiver_features_match_scoring(lm):
 
 
 @pytest.mark.parametrize("reward", ["gain", "relative"])
-def test_select_reward_loop_updates_filter_state(lm, tmp_path, reward):
+def test_transfer_selects_trains_rewards_and_keeps_state_in_memory(lm, tmp_path, reward, monkeypatch):
     plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(kind="lada", budget_fraction=0.5, num_clusters=3,
-                                                                  epochs=2), reward=reward))
+                                                                  epochs=2), reward=reward, distill="sft"))
+    loads, saves = [], []
+    real_load, real_save = plugin._load_filter, plugin._save_filter
+    monkeypatch.setattr(plugin, "_load_filter", lambda *a: loads.append(a[1:]) or real_load(*a))
+    monkeypatch.setattr(plugin, "_save_filter", lambda *a: saves.append(a[1:3]) or real_save(*a))
     node = FakeNode(tmp_path)
-    items = items_for(EXAMPLES) + items_for(EXAMPLES[:2], correct=False)
+    cands = cands_for(EXAMPLES) + cands_for(EXAMPLES[:2], verified=False)
     for rnd in (1, 2):
-        chosen = plugin.select("down", rnd, items, node, lm, 0)
-        assert len(chosen) <= 6 and all(it["correct"] for it in chosen)
-        assert node.metrics["lada_down_candidates"] == 12
-        assert node.metrics["lada_down_cold_start"] == (1.0 if rnd == 1 else 0.0)
-        assert (tmp_path / "filter-down-0.pt").exists() and (tmp_path / "lada-pending-down-0.pt").exists()
-        if rnd == 1:
-            assert len(chosen) == 6
-        before = mean_nll(lm, [it["prompt"] for it in chosen], [it["text"] for it in chosen])
-        train_steps(lm, [(it["prompt"], it["text"]) for it in chosen], 4, run_cfg().train, seed=rnd, progress=False)
-        after = mean_nll(lm, [it["prompt"] for it in chosen], [it["text"] for it in chosen])
-        plugin.after_update("down", rnd, chosen, node, lm, 0)
-        assert not (tmp_path / "lada-pending-down-0.pt").exists()
+        with plugin.transfer("down", rnd, 0, node, lm, cands) as t:
+            assert len(t.items) <= 6 and all(c.verified for c in t.items) and t.loss is None
+            assert node.metrics["lada_down_candidates"] == 12 and t.n_candidates == 12
+            assert node.metrics["lada_down_cold_start"] == (1.0 if rnd == 1 else 0.0)
+            if rnd == 1:
+                assert len(t.items) == 6
+            assert sorted(p.name for p in tmp_path.iterdir()) == ([] if rnd == 1 else ["filter-down-0.pt"])
+            before = mean_nll(lm, [c.prompt for c in t.items], [c.text for c in t.items])
+            train_steps(lm, [(c.prompt, c.text) for c in t.items], 4, run_cfg().train, seed=rnd, progress=False)
+            after = mean_nll(lm, [c.prompt for c in t.items], [c.text for c in t.items])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["filter-down-0.pt"]  # nothing pending, no temp file
         expected = learning_reward(before, after, reward).mean().item()
         assert node.metrics["lada_down_reward"] == pytest.approx(expected, abs=1e-4)
+    assert loads == [("down", 0), ("down", 0)] and saves == [("down", 0), ("down", 0)]  # once each per transfer
     state = torch.load(tmp_path / "filter-down-0.pt", weights_only=True)
-    assert state["num_updates"] == 2 and len(state["hist_r"]) >= 6
+    assert state["num_updates"] == 2 and len(state["hist_r"]) >= 6 and len(state["hist_f1"]) == len(state["hist_r"])
 
 
-def test_extra_loss_is_lambda_log2_at_round_start_and_differentiable(lm, tmp_path):
+def test_a_failed_transfer_leaves_the_filter_as_it_was(lm, tmp_path):
+    plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(num_clusters=3, epochs=1), distill="sft"))
+    node = FakeNode(tmp_path)
+    with pytest.raises(RuntimeError, match="training broke"):
+        with plugin.transfer("up", 1, 2, node, lm, cands_for(EXAMPLES[:6])):
+            raise RuntimeError("training broke")
+    assert not list(tmp_path.iterdir()) and "lada_up2_reward" not in node.metrics
+
+
+def test_extra_loss_is_lambda_log2_at_round_start_even_with_dropout(lm, tmp_path):
+    """Reference and policy log-probs are taken in the same mode (no dropout), so the
+    DPO margin is exactly 0 before any update, even in train mode with dropout on."""
     plugin = LadaPlugin(run_cfg(), LadaConfig(lambda_=0.5, beta=0.1, pair_batch=3, negative_paths=2))
     node = FakeNode(tmp_path)
-    chosen = items_for(EXAMPLES[:4])
-    fn = plugin.extra_loss("down", 1, chosen, node, lm, 0)
-    assert fn is not None and node.metrics["lada_down_pairs"] == 4
-    loss = fn(0)
-    assert loss.dim() == 0 and torch.isfinite(loss)
-    # policy == reference before any update: margin 0, loss = lambda * log 2
-    assert loss.item() == pytest.approx(0.5 * math.log(2), abs=1e-4)
-    lm.model.zero_grad()
-    loss.backward()
-    grads = [p.grad for p in lm.model.parameters() if p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads)
-    lm.model.zero_grad()
+    attn = [m for m in lm.model.modules() if hasattr(m, "attention_dropout")]
+    assert attn
+    with plugin.transfer("down", 1, 0, node, lm, cands_for(EXAMPLES[:4])) as t:
+        assert t.loss is not None and node.metrics["lada_down_pairs"] >= 1
+        try:
+            for m in attn:
+                m.attention_dropout = 0.5
+            lm.model.train()
+            for step in range(3):  # policy == reference before any update: margin 0, loss = lambda * log 2
+                loss = t.loss(step)
+                assert loss.item() == pytest.approx(0.5 * math.log(2), abs=1e-5)
+            assert lm.model.training  # the caller's mode is restored
+        finally:
+            for m in attn:
+                m.attention_dropout = 0.0
+            lm.model.eval()
+        lm.model.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in lm.model.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+        lm.model.zero_grad()
     # y- are the receiver's own paths (an untrained model never verifies, so wrong ones)
     own = plugin.own_paths("down", 1, node, lm, ["q0"])
     assert len(own["q0"]) == 2
-    assert LadaPlugin(run_cfg(), LadaConfig(distill="sft")).extra_loss("down", 1, chosen, node, lm, 0) is None
+    with LadaPlugin(run_cfg(), LadaConfig(distill="sft")).transfer("down", 1, 0, node, lm, cands_for(EXAMPLES[:4])) as t:
+        assert t.loss is None
+
+
+def test_the_plain_plugin_keeps_every_verified_candidate(tmp_path):
+    cands = cands_for(EXAMPLES[:3]) + cands_for(EXAMPLES[3:4], verified=False)
+    with Plugin(run_cfg()).transfer("up", 1, 0, FakeNode(tmp_path), None, cands) as t:
+        assert t.items == cands[:3] and t.loss is None
+    assert Plugin(run_cfg()).paths_to_send("down", 1, FakeNode(tmp_path)) == {}
+
+
+def test_paths_ride_beside_a_host_exchange_only_where_it_has_no_paths(lm, tmp_path):
+    plugin = LadaPlugin(run_cfg(), LadaConfig())
+    node = FakeNode(tmp_path, lm=lm, seed=3)
+    plugin.attach(Capabilities(directions=frozenset({"down", "up"})))  # e.g. a logits-exchanging host
+    sent = plugin.paths_to_send("up", 1, node)
+    assert set(sent) == {PLUGIN_PREFIX + k for k in ("example_ids", "texts", "correct", "sender_logprob", "n_tokens")}
+    assert node.metrics["lada_up_sent"] == len(sent[PLUGIN_PREFIX + "texts"])
+    sent[PLUGIN_PREFIX + "example_ids"] = ["q1"]
+    sent[PLUGIN_PREFIX + "texts"] = [example_target(EXAMPLES[1])]
+    for k, v in ((PLUGIN_PREFIX + "correct", [True]), (PLUGIN_PREFIX + "sender_logprob", [-3.0]),
+                 (PLUGIN_PREFIX + "n_tokens", [9])):
+        sent[k] = torch.tensor(v).numpy()
+    got = plugin.paths_received("up", {"other": 1, **sent}, node)
+    assert got == [Candidate("q1", example_prompt(EXAMPLES[1]), example_target(EXAMPLES[1]), -3.0, 9, 2, True)]
+    plugin.attach(Capabilities(directions=frozenset({"down", "up"}), path_directions=frozenset({"down", "up"})))
+    assert plugin.paths_to_send("up", 1, node) == {} and plugin.paths_received("up", sent, node) == []
+    plugin.attach(Capabilities(collaborative=False))
+    assert plugin.paths_to_send("down", 1, node) == {}
 
 
 def test_rewards_gain_and_share_of_headroom():
@@ -156,9 +217,9 @@ def test_rewards_gain_and_share_of_headroom():
 
 def test_domain_shares_of_a_selection():
     one = {ex.id: ex.domain for ex in EXAMPLES}
-    assert _domain_shares(one, items_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
+    assert _domain_shares(one, cands_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
     mixed = {f"d{i}": ("shop" if i < 3 else "general") for i in range(4)}
-    chosen = [{"example_id": "d0"}, {"example_id": "d1"}, {"example_id": "d3"}]
+    chosen = [Candidate(f"d{i}", "", "", 0.0, 1, 1, True) for i in (0, 1, 3)]
     assert _domain_shares(mixed, chosen) == pytest.approx({"general": 1 / 3, "shop": 2 / 3})
     assert _domain_shares(mixed, []) == {}
 
@@ -170,44 +231,23 @@ def test_pick_negative_takes_only_wrong_paths():
     assert _pick_negative([], "a") is None
 
 
-def test_upward_phase_server_side(lm, tmp_path):
-    """Client replies (gold paths, as a client would send) -> per-client filter ->
-    LLM training with SFT + mirror loss -> rewards -> filter update."""
-    from lada.hosts.common import items_to_payload
-
-    plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(kind="loss", budget_fraction=0.5), pair_batch=2))
-    assert plugin.phases(1) == [UP_PHASE]
-    server = FakeNode(tmp_path, lm=lm, seed=999)
-    sent = plugin.server_send(UP_PHASE.name, 1, server, [0, 1])
-    assert sent == {0: {"all_public": True}, 1: {"all_public": True}}
-    replies = {0: items_to_payload(items_for(EXAMPLES[:6])), 1: items_to_payload(items_for(EXAMPLES[6:]))}
-    plugin.server_receive(UP_PHASE.name, 1, replies, server)
-    m = server.metrics
-    assert m["lada_up0_candidates"] + m["lada_up1_candidates"] == 12 - m["lada_up_llm_solved"]
-    assert m["lada_up_trained"] == m["lada_up0_selected"] + m["lada_up1_selected"] > 0
-    assert "lada_up0_reward" in m and server.saved == 1
-    assert (tmp_path / "filter-up-0.pt").exists() and (tmp_path / "filter-up-1.pt").exists()
-
-
-def test_phases_depend_on_host():
-    assert LadaPlugin(run_cfg(), LadaConfig(upward=False)).phases(1) == []
-    cfg = run_cfg()
-    cfg.host = {"name": "standalone"}
-    assert LadaPlugin(cfg, LadaConfig()).phases(1) == []
+def options_for(table: dict):
+    return build_options(LadaConfig, table, "[plugin]")
 
 
 def test_config_table_and_validation():
-    opts = options_for(LadaPlugin, {"name": "lada", "lambda_": 0.5, "length_normalize": True,
-                                    "filter": {"kind": "random", "budget_fraction": 0.25}}, "[plugin]")
+    opts = options_for({"name": "lada", "lambda_": 0.5, "length_normalize": True,
+                        "filter": {"kind": "random", "budget_fraction": 0.25}})
     assert opts.lambda_ == 0.5 and opts.filter.kind == "random" and opts.filter.budget_fraction == 0.25
     with pytest.raises(ConfigError, match="distillm2"):
-        options_for(LadaPlugin, {"name": "lada", "variant": "distillm2"}, "[plugin]")
+        options_for({"name": "lada", "variant": "distillm2"})
     with pytest.raises(ConfigError, match=r"\[plugin\]\.filter\.kind"):
-        options_for(LadaPlugin, {"name": "lada", "filter": {"kind": "best"}}, "[plugin]")
+        options_for({"name": "lada", "filter": {"kind": "best"}})
     with pytest.raises(ConfigError, match="unknown key"):
-        options_for(LadaPlugin, {"name": "lada", "lambda": 1.0}, "[plugin]")
+        options_for({"name": "lada", "lambda": 1.0})
     with pytest.raises(ConfigError, match=r"\[plugin\]\.reward: must be one of"):
-        options_for(LadaPlugin, {"name": "lada", "reward": "loss"}, "[plugin]")
-    assert options_for(LadaPlugin, {"name": "lada", "reward": "relative"}, "[plugin]").reward == "relative"
+        options_for({"name": "lada", "reward": "loss"})
+    assert options_for({"name": "lada", "reward": "relative"}).reward == "relative"
     with pytest.raises(ValueError, match="direction"):
-        LadaPlugin(run_cfg(), LadaConfig()).select("sideways", 1, [], None, None, 0)
+        with LadaPlugin(run_cfg(), LadaConfig()).transfer("sideways", 1, 0, None, None, []):
+            pass

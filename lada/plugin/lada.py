@@ -199,7 +199,7 @@ class LadaPlugin(Plugin):
             ctx = build_contexts(hidden, nll, cands, _ntok)
             g = torch.Generator().manual_seed(filt.cfg.seed * 1009 + rnd)
             idx = filt.select(ctx, filt.cfg.budget_for(len(cands)), g)
-            predicted = filt.decision_predictions(ctx[idx])  # EE-Net: f1 at decision time, kept for f2's target
+            predicted = filt.decision_predictions()  # EE-Net: f1 at decision time, kept for f2's target
             self._log_selection(node, prefix, filt, cands, idx, ctx, nll)
         chosen = [cands[i] for i in idx]
         loss = self._contrastive(direction, rnd, pair, node, lm, chosen)
