@@ -1,0 +1,82 @@
+"""Whole runs of configs/tiny-test.toml with the LaDa plug-in: a filter selects, each
+host moves LaDa's bytes in its own directions, and runs are reproducible (same seed
+twice, inline vs Flower simulation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lada.config import load_config
+from lada.engines.launch import run_engine
+
+REPO = Path(__file__).resolve().parent.parent
+LADA = ('plugin.name="lada"', "plugin.negative_paths=1")
+# FedCoLLM needs one SLM architecture: every client takes client 0's model.
+SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
+                 (("name", '"tiny-qwen2"'), ("vocab_size", "360")))
+HOSTS = {"cot": ('host.upward=true',), "fedmkt": ('host={name="fedmkt"}',),
+         "fedcollm": ('host={name="fedcollm"}', *SAME_SLM)}
+
+
+def tiny_run(run_dir: Path, engine: str, *overrides: str) -> list[dict]:
+    cfg = load_config(REPO / "configs" / "tiny-test.toml", [f'run_dir="{run_dir}"', *overrides])
+    run_engine(cfg, engine, run_dir / "run.log")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> str:
+    """The metrics file minus its wall-clock fields (every key ending in "seconds":
+    round, evaluation and filter seconds); everything else must match to the byte."""
+    return "\n".join(json.dumps({k: v for k, v in r.items() if not k.endswith("seconds")}, sort_keys=True)
+                     for r in rows)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_lada_run_selects_and_moves_bytes_the_way_the_host_should(host, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = tiny_run(tmp_path / "run", "inline", "rounds=1", *HOSTS[host], *LADA)
+    r1 = [r for r in rows if r["round"] == 1]
+    clients = [r for r in r1 if r["participant"] != "llm"]
+    llm = next(r for r in r1 if r["participant"] == "llm")
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in clients)
+    assert all(k in llm or all(k in r for r in clients) for k in ("lada_bytes_up", "lada_bytes_down"))
+    if host == "cot":
+        # the host's own exchange is paths (down, and up with upward = true): nothing rides beside it
+        assert all(r["lada_bytes_up"] == 0 and r["lada_bytes_down"] == 0 for r in r1)
+        assert all("lada_down_candidates" in r for r in clients) and "lada_up0_candidates" in llm
+        selected = [v for r in r1 for k, v in r.items() if k.startswith("lada_") and k.endswith("_selected")]
+        assert sum(selected) > 0  # a filter kept something (seed 0 finds a few verified paths)
+    elif host == "fedmkt":
+        # LaDa's paths ride beside the logits both ways
+        assert all(r["lada_bytes_up"] > 0 and r["lada_bytes_down"] > 0 for r in clients)
+        assert all("lada_down_candidates" in r for r in clients) and "lada_up2_candidates" in llm
+    else:
+        # clients' paths ride up beside the adapters; LLM -> SLM distillation happens on the server
+        assert all(r["lada_bytes_up"] > 0 and r["lada_bytes_down"] == 0 for r in clients)
+        assert "lada_down_candidates" in llm and "lada_up2_candidates" in llm
+    assert llm["lada_bytes_up"] == sum(r["lada_bytes_up"] for r in clients)
+    assert not list((tmp_path / "run").rglob("*pending*"))
+
+
+@pytest.fixture(scope="module")
+def inline_rows(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("inline") / "run", "inline", *HOSTS["cot"], *LADA)
+
+
+@pytest.mark.e2e
+def test_the_same_seed_twice_gives_the_same_metrics(inline_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = tiny_run(tmp_path / "run", "inline", *HOSTS["cot"], *LADA)
+    assert len(inline_rows) == 4 * 3 and any(k.endswith("seconds") for k in inline_rows[-1])
+    assert without_timing(again) == without_timing(inline_rows)
+
+
+@pytest.mark.e2e
+def test_inline_and_simulation_engines_give_the_same_numbers(inline_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    simulated = tiny_run(tmp_path / "run", "simulation", *HOSTS["cot"], *LADA)
+    assert without_timing(simulated) == without_timing(inline_rows)
