@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # one layer (hosts and plugin) must not import each other.
 LAYERS = [
     ["lada.schema"],
+    ["lada.data"],  # records, answers, loaders, the synthetic task: plain Python, no config
     ["lada.registry"],
     ["lada.config"],
-    ["lada.data"],
     ["lada.models"],
     ["lada.protocol"],
     ["lada.hosts", "lada.plugin"],
