@@ -344,10 +344,13 @@ def test_tiny_run(engine, host, tmp_path, monkeypatch):
 @pytest.mark.e2e
 def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = tiny_config(tmp_path / "run", f'clients.1.checkpoint="{tmp_path / "no-such-checkpoint"}"')
+    # A directory that is no saved model: the config check (which rejects a missing
+    # checkpoint up front) passes, and client-1 fails at run time, in the simulation.
+    (tmp_path / "empty-checkpoint").mkdir()
+    cfg = tiny_config(tmp_path / "run", f'clients.1.checkpoint="{tmp_path / "empty-checkpoint"}"')
     with pytest.raises(EngineError) as e:
         run_engine(cfg, "simulation", tmp_path / "run" / "run.log")
-    assert "client-1" in str(e.value) and "no-such-checkpoint" in str(e.value)
+    assert "client-1" in str(e.value) and "empty-checkpoint" in str(e.value)
 
 
 @pytest.mark.e2e

@@ -189,8 +189,11 @@ def run_server(grid: Grid, context: Context, serve_fn: Callable = serve) -> None
         serve_fn(cfg, transport, progress=log, resume=bool(run_config.get("resume")),
                  run_id=str(run_config.get("run-id", "")))
     except BaseException as e:
-        for line in traceback.format_exc().rstrip().splitlines():
-            log(line)
+        if isinstance(e, SystemExit):  # `flwr stop` (the launcher was interrupted): no traceback to read
+            log("the run was stopped (flwr stop)")
+        else:
+            for line in traceback.format_exc().rstrip().splitlines():
+                log(line)
         log(f"{FAILED_MARKER}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         sys.stdout.flush()
         raise
