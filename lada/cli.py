@@ -136,6 +136,20 @@ def cmd_federation(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from lada.data.split import write_split
+
+    cfg = _load(args)
+    out = write_split(cfg.data, cfg.data.seed, Path(args.out))
+    meta = json.loads((out / "split.json").read_text())
+    print(f"data split of {args.config} in {out}:")
+    for name, n in meta["sizes"].items():
+        print(f"  {name}: {n} examples")
+    print("give each client machine public.jsonl and its own client-K/ folder (--node-config \"data-dir=DIR\"), "
+          "the SuperLink's machine public.jsonl and server/ ([data] split_dir = DIR)")
+    return 0
+
+
 def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
@@ -207,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--workspace", default=None,
                    help="clients keep their state here (under each run's id), as SuperNodes on other machines do")
     f.set_defaults(func=cmd_federation)
+
+    d = sub.add_parser("data", help="split a config's data into one folder per participant")
+    d.add_argument("action", choices=["split"])
+    d.add_argument("config")
+    d.add_argument("--out", required=True, help="folder for split.json, public.jsonl, server/, client-K/")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    d.set_defaults(func=cmd_data)
 
     g = sub.add_parser("grid", help="run methods x seeds on one config; write a results table and plot")
     g.add_argument("config")

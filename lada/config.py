@@ -93,6 +93,9 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     domains: list[str] = field(default_factory=lambda: ["shop", "farm", "travel"])  # synthetic client domains
     skip_bad_lines: bool = False  # report and skip malformed lines instead of stopping
+    # Folder of per-participant files (lada.data.split); each node reads only its own part.
+    # Empty: `lada run` writes <run_dir>/data before the run.
+    split_dir: str = ""
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "source", DATA_SOURCES)

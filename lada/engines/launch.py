@@ -100,6 +100,11 @@ def run_engine(cfg: RunConfig, engine: str, log_path: Path, superlink: str | Non
     cfg = absolute_paths(cfg)
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.split_dir and not (engine == "deployment" and (superlink or cfg.engine.superlink)):
+        # Private by construction: every node reads only its own part of the data.
+        from lada.data.split import write_split
+
+        cfg.data.split_dir = str(write_split(cfg.data, cfg.data.seed, run_dir / "data"))
     config_path = _write_config(cfg, run_dir)
     (run_dir / "DONE").unlink(missing_ok=True)
     run_config = {"config-path": str(config_path), "run-dir": str(run_dir), "run-name": cfg.name,
@@ -132,6 +137,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         cfg.cache_dir = str(Path(cfg.cache_dir).absolute())
     if cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).absolute())
+    if cfg.data.split_dir:
+        cfg.data.split_dir = str(Path(cfg.data.split_dir).absolute())
     for m in [cfg.server, *cfg.clients]:
         if m.checkpoint:
             m.checkpoint = str(Path(m.checkpoint).absolute())

@@ -8,8 +8,9 @@ Each round:
 1. ``base`` (round 1 only): the server broadcasts the shared SLM starting point. The
    paper's clients start from one public pretrained SLM. Here each client's tiny SLM
    is warmed up separately (own seed and data), so adapters trained on them would live
-   in unrelated weight spaces; the server therefore sends one base (client 0's warm-up
-   checkpoint) and the initial adapter to everyone, and its bytes are counted. A pure
+   in unrelated weight spaces; the server therefore sends one base (the SLM architecture
+   warmed up on the server's general data only, never on a client's private data) and
+   the initial adapter to everyone, and its bytes are counted. A pure
    pretrained SLM (no warm-up) is identical everywhere, so only the adapter is sent.
 2. ``local_train``: every client trains its adapter on private data and sends it up
    with its number of training examples.
@@ -50,7 +51,7 @@ from lada.hosts.token_alignment import build_token_mapping, vocab_of
 from lada.models.loading import load_model
 from lada.models.training import train_steps
 from lada.protocol.host import Capabilities, Host, Phase, mean_loss
-from lada.protocol.node import ClientNode, cache_dir
+from lada.protocol.node import ClientNode, SharedSLMNode, cache_dir
 from lada.protocol.payload import Payload
 
 if TYPE_CHECKING:
@@ -173,10 +174,11 @@ class FedCoLLMHost(Host):
     def server_setup(self, server, setup_replies):
         check_same_slm(self.cfg, setup_replies)
 
-    # The server's copy of the shared SLM lives in its own node folder, starting from
-    # client 0's warm-up checkpoint (the base every client receives in round 1).
+    # The server's copy of the shared SLM lives in its own node folder, starting from a
+    # warm-up on the server's general data only (the base every client receives in round
+    # 1): no client's private data is in what is broadcast.
     def slm_node(self, server: "ServerNode") -> "ClientNode":
-        return ClientNode(self.cfg, 0, server.workspace / "fedcollm-slm")
+        return SharedSLMNode(self.cfg, server.workspace / "fedcollm-slm")
 
     # ---- server side
     def server_send(self, phase, rnd, server, client_ids):

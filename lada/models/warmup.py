@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from lada.config import ModelConfig, RunConfig, TrainConfig
 from lada.data.records import Example, example_prompt, example_target
+from lada.data.split import CLIENT_GENERAL_EXAMPLES, CLIENT_GENERAL_MAX_STEPS, client_general  # noqa: F401
 
 if TYPE_CHECKING:
     from lada.data.partition import FederatedData
+    from lada.data.split import ParticipantData
 
 RECIPE_VERSION = 1  # bump when the warm-up procedure changes, so old caches are not reused
 REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
@@ -172,31 +174,38 @@ def read_meta(path: str | Path) -> dict:
 
 # ----------------------------------------------------------------------------- participants
 
-# Each client's warm-up mixes its own training shard with this many short general
-# problems from the server's general pool: a stand-in for the generic pre-training every
-# real SLM has, and it teaches number copying on more varied questions than 300
-# domain problems can. The server pool is disjoint from every other set, so no client
-# sees the public or test questions.
-CLIENT_GENERAL_EXAMPLES = 600
-CLIENT_GENERAL_MAX_STEPS = 3
+# Each client's warm-up mixes its own training shard with short general problems of
+# the server's general pool (lada.data.split.client_general, handed to each client with
+# its split): a stand-in for the generic pre-training every real SLM has, and it teaches
+# number copying on more varied questions than 300 domain problems can. The server pool
+# is disjoint from every other set, so no client sees the public or test questions.
 
 
 def participant_seed(cfg: RunConfig, who: str) -> int:
-    """Model-init seed of a participant: ``server`` or ``client<k>``."""
-    return cfg.data.seed if who == "server" else cfg.data.seed + 1 + int(who.removeprefix("client"))
-
-
-def participant_stages(cfg: RunConfig, fed: "FederatedData", who: str) -> list[Stage]:
-    """The warm-up data of ``server`` (its general training data) or ``client<k>``
-    (its private training shard plus short general problems)."""
+    """Model-init seed of a participant: ``server``, ``client<k>`` or ``shared-slm``."""
     if who == "server":
-        return [(list(fed.server_train), cfg.server.warmup_steps)]
+        return cfg.data.seed
+    if who == "shared-slm":
+        return cfg.data.seed + 997
+    return cfg.data.seed + 1 + int(who.removeprefix("client"))
+
+
+def participant_stages(cfg: RunConfig, view: "ParticipantData", who: str) -> list[Stage]:
+    """The warm-up data of ``server`` (its general training data), ``client<k>`` (its
+    private training shard plus the general problems of its split) or ``shared-slm``
+    (FedCoLLM's common SLM base, trained by the server: the clients' general problems
+    only, so no client's private data shapes what every client receives)."""
+    if who == "server":
+        return [(list(view.train), cfg.server.warmup_steps)]
+    if who == "shared-slm":
+        return [(client_general(view.train), cfg.clients[0].warmup_steps)]
     k = int(who.removeprefix("client"))
-    short = [ex for ex in fed.server_train if ex.num_steps <= CLIENT_GENERAL_MAX_STEPS][:CLIENT_GENERAL_EXAMPLES]
-    return [(list(fed.clients[k].train) + short, cfg.clients[k].warmup_steps)]
+    return [(list(view.train) + list(view.general), cfg.clients[k].warmup_steps)]
 
 
 def participant_config(cfg: RunConfig, who: str) -> ModelConfig:
+    if who == "shared-slm":
+        return cfg.clients[0]
     return cfg.server if who == "server" else cfg.clients[int(who.removeprefix("client"))]
 
 
@@ -204,11 +213,12 @@ def participants(cfg: RunConfig) -> list[str]:
     return ["server", *(f"client{k}" for k in range(len(cfg.clients)))]
 
 
-def warmup_participant(cfg: RunConfig, fed: "FederatedData", corpus: list[str], who: str,
+def warmup_participant(cfg: RunConfig, view: "ParticipantData", corpus: list[str], who: str,
                        cache_dir: str | Path, progress: bool = True, use_shipped: bool = True) -> Path:
-    """Warm-up checkpoint of one participant of a run (what the round driver loads)."""
+    """Warm-up checkpoint of one participant of a run (what the round driver loads),
+    from that participant's view of the data (the server's for ``shared-slm``)."""
     return warmup_checkpoint(participant_config(cfg, who), [], corpus, participant_seed(cfg, who), cache_dir,
-                             train_cfg=cfg.train, progress=progress, stages=participant_stages(cfg, fed, who),
+                             train_cfg=cfg.train, progress=progress, stages=participant_stages(cfg, view, who),
                              use_shipped=use_shipped)
 
 
@@ -292,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lada.config import load_config
-    from lada.data import build_federated_data, tokenizer_corpus
+    from lada.data import build_federated_data
+    from lada.data.split import participant_corpus, views
     from lada.models.tokenizers import default_cache_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     cache = Path(args.cache_dir or cfg.cache_dir or default_cache_dir())
-    fed = build_federated_data(cfg.data, cfg.data.seed)
-    corpus = tokenizer_corpus(cfg.data, cfg.data.seed)
+    fed = build_federated_data(cfg.data, cfg.data.seed)  # the data owner's tool: every participant's view
+    all_views = views(fed)
     who_all = participants(cfg)
     chosen = [w.strip() for w in args.only.split(",") if w.strip()] or who_all
     for w in chosen:
@@ -309,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = None if args.no_eval or cfg.data.source != "synthetic" else calibration_sets(cfg, fed)
     rows = []
     for who in chosen:
-        path = warmup_participant(cfg, fed, corpus, who, cache, progress=True, use_shipped=not args.ship)
+        view = all_views[who]
+        path = warmup_participant(cfg, view, participant_corpus(cfg.data, view, cfg.data.seed), who, cache,
+                                  progress=True, use_shipped=not args.ship)
         meta = read_meta(path)
         if args.ship and path.parent != REPO_CHECKPOINTS:
             path = ship_checkpoint(participant_config(cfg, who), path)

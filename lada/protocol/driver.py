@@ -338,7 +338,9 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     cfg = _config_from_text(cfg_file.read_text())
     if base is not None:
         sync_working(ws, int(base), rnd, phase, attempt)
-    node = ClientNode(cfg, k, ws)
+    # A SuperNode on its own machine names its part of the data split with
+    # --node-config "data-dir=/path"; otherwise the run's [data] split_dir is used.
+    node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)
     if phase == "setup":
         lm = node.model()
         return {"n_train": len(node.train_set), "n_test": len(node.test_set),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lada.config import ModelConfig, RunConfig
-    from lada.data.partition import FederatedData
+    from lada.data.split import ParticipantData
     from lada.models.loading import LoadedModel
 
 # workspace -> ((version, save id), LoadedModel), for the process's lifetime.
@@ -27,15 +27,18 @@ def cache_dir(cfg: "RunConfig") -> Path:
     return Path(cfg.cache_dir or os.environ.get("LADA_CACHE") or Path.home() / ".cache" / "lada")
 
 
-def participant_checkpoint(cfg: "RunConfig", participant: str, progress: bool = False) -> Path:
-    """The warmed-up starting model of ``llm`` or ``client-<k>`` (shipped, cached, or
-    trained now), as the warm-up stage defines it."""
-    from lada.data import build_federated_data, tokenizer_corpus
+def participant_checkpoint(cfg: "RunConfig", participant: str, progress: bool = False,
+                           data_dir: str | Path | None = None) -> Path:
+    """The warmed-up starting model of ``llm``, ``client-<k>`` or ``shared-slm`` (shipped,
+    cached, or trained now), as the warm-up stage defines it, from what that participant
+    may see (``shared-slm``, FedCoLLM's common SLM base, is the server's: general data only)."""
+    from lada.data.split import participant_corpus, participant_data
     from lada.models.warmup import warmup_participant
 
-    who = "server" if participant == "llm" else participant.replace("-", "")
-    fed = build_federated_data(cfg.data, cfg.data.seed)
-    return warmup_participant(cfg, fed, tokenizer_corpus(cfg.data, cfg.data.seed), who, cache_dir(cfg), progress=progress)
+    who = {"llm": "server", "shared-slm": "shared-slm"}.get(participant, participant.replace("-", ""))
+    view = participant_data(cfg, "server" if who == "shared-slm" else who, data_dir)
+    corpus = participant_corpus(cfg.data, view, cfg.data.seed)
+    return warmup_participant(cfg, view, corpus, who, cache_dir(cfg), progress=progress)
 
 
 class Node:
@@ -126,11 +129,18 @@ class Node:
         self.save_state()
         _MODEL_CACHE[str(self.workspace.resolve())] = (self._model_token(), lm)
 
-    @cached_property
-    def data(self) -> "FederatedData":
-        from lada.data import build_federated_data
+    data_dir: str | Path | None = None  # a node's own split folder (node config `data-dir`)
 
-        return build_federated_data(self.cfg.data, self.cfg.data.seed)
+    @cached_property
+    def data(self) -> "ParticipantData":
+        """Only what this participant may see: the public set and its own sets."""
+        from lada.data.split import participant_data
+
+        return participant_data(self.cfg, self.who, self.data_dir)
+
+    @property
+    def who(self) -> str:
+        return "server" if self.participant == "llm" else self.participant.replace("-", "")
 
 
 class ServerNode(Node):
@@ -153,19 +163,20 @@ class ServerNode(Node):
 
     @property
     def test_set(self):
-        return self.data.server_test
+        return self.data.test
 
     @property
     def train_set(self):
-        return self.data.server_train
+        return self.data.train
 
 
 class ClientNode(Node):
-    def __init__(self, cfg: "RunConfig", index: int, workspace: Path) -> None:
+    def __init__(self, cfg: "RunConfig", index: int, workspace: Path, data_dir: str | Path | None = None) -> None:
         if not 0 <= index < len(cfg.clients):
             raise ValueError(f"client index {index} out of range: the config has {len(cfg.clients)} clients")
         self.index = index
         self.participant = f"client-{index}"
+        self.data_dir = data_dir or None
         super().__init__(cfg, workspace)
 
     @property
@@ -177,7 +188,7 @@ class ClientNode(Node):
         return self.cfg.seed * 1000 + self.index
 
     def initial_checkpoint(self) -> Path:
-        return participant_checkpoint(self.cfg, self.participant)
+        return participant_checkpoint(self.cfg, self.participant, data_dir=self.data_dir)
 
     @property
     def public(self):
@@ -185,11 +196,32 @@ class ClientNode(Node):
 
     @property
     def train_set(self):
-        return self.data.clients[self.index].train
+        return self.data.train
 
     @property
     def test_set(self):
-        return self.data.clients[self.index].test
+        return self.data.test
+
+
+class SharedSLMNode(ClientNode):
+    """The server's copy of a shared client SLM (FedCoLLM): client 0's model config, but
+    the server's data view, and a starting point warmed up on the server's general data
+    only, so the base every client receives carries no client's private data."""
+
+    def __init__(self, cfg: "RunConfig", workspace: Path) -> None:
+        super().__init__(cfg, 0, workspace)
+        self.participant = "shared-slm"
+
+    @property
+    def who(self) -> str:
+        return "server"
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed * 1000 + 998
+
+    def initial_checkpoint(self) -> Path:
+        return participant_checkpoint(self.cfg, "shared-slm")
 
 
 def _rmtree(path: Path) -> None:
