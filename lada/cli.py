@@ -127,9 +127,12 @@ def cmd_federation(args) -> int:
 
     state = Path(args.state_dir)
     if args.action == "up":
-        info = federation_up(args.clients, state, workspace=args.workspace)
-        print(f"SuperLink at {info.get('superlink')} with {args.clients} SuperNode(s); state in {state}")
-        print(f"run with: lada run CONFIG --engine deployment --superlink {info.get('control', info.get('superlink'))}")
+        info = federation_up(args.clients, state, workspace=args.workspace, tls=args.tls or args.auth, auth=args.auth)
+        how = ("TLS + SuperNode authentication" if info.get("auth") else "TLS" if info.get("tls")
+               else "no TLS (this machine only)")
+        print(f"SuperLink at {info.get('superlink')} with {args.clients} SuperNode(s), {how}; state in {state}")
+        flag = f"--root-certificates {info['root_certificates']}" if info.get("tls") else "--insecure"
+        print(f"run with: lada run CONFIG --engine deployment --superlink {info.get('superlink')} {flag}")
     else:
         federation_down(state)
         print("local federation stopped")
@@ -218,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("action", choices=["up", "down"])
     f.add_argument("--clients", type=int, default=3)
     f.add_argument("--state-dir", default=".lada-federation")
+    f.add_argument("--tls", action="store_true", help="up: make a CA and SuperLink certificate, run everything over TLS")
+    f.add_argument("--auth", action="store_true",
+                   help="up: SuperNode authentication (implies --tls): a key pair per SuperNode, registered "
+                        "with the SuperLink; unregistered SuperNodes are refused")
     f.add_argument("--workspace", default=None,
                    help="clients keep their state here (under each run's id), as SuperNodes on other machines do")
     f.set_defaults(func=cmd_federation)

@@ -366,3 +366,98 @@ def test_tiny_lada_run_through_simulation(tmp_path, monkeypatch):
     assert clients and all("lada_down_candidates" in r and "lada_down_filter_seconds" in r for r in clients)
     llm = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
     assert all(any(k.startswith("lada_up") for k in r) for r in llm)
+
+
+# ----------------------------------------------------------------------------- TLS + SuperNode authentication
+
+@pytest.mark.e2e
+def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
+    """`lada federation up --tls --auth` as on several machines: a CA and SuperLink
+    certificate, a registered key per SuperNode, each node reading only its part of a
+    `lada data split`; tiny-test runs over it, and a SuperNode whose key was never
+    registered is refused."""
+    import subprocess
+
+    from lada.data.split import write_split
+    from lada.engines.local import flower_env, flower_executable, free_port
+    from lada.engines.tls import make_node_keys
+    from lada.experiments.runner import run
+
+    state = federation_up(3, tmp_path / "fed", tls=True, auth=True)
+    intruder = None
+    try:
+        assert state["tls"] and state["auth"] and Path(state["root_certificates"]).is_file()
+        cfg = tiny_config(tmp_path / "run", "rounds=1")
+        cfg.engine.root_certificates = state["root_certificates"]
+        cfg.data.split_dir = str(write_split(cfg.data, cfg.data.seed, tmp_path / "split"))
+        rows = run(cfg, engine="deployment", superlink=state["superlink"])
+        assert {r["participant"] for r in rows} == {"llm", "client-0", "client-1", "client-2"}
+        assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()
+
+        # A SuperNode with a key the SuperLink does not know.
+        key, _ = make_node_keys(tmp_path / "intruder", "intruder")
+        log = (tmp_path / "intruder.log").open("wb")
+        intruder = subprocess.Popen(
+            [flower_executable("flower-supernode"), "--root-certificates", state["root_certificates"],
+             "--auth-supernode-private-key", str(key), "--superlink", state["superlink"], "--port", str(free_port()),
+             "--max-retries", "1", "--node-config", "partition-id=0 num-partitions=3"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flower_env(tmp_path / "intruder"))
+        try:
+            code = intruder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = None
+        text = (tmp_path / "intruder.log").read_text(errors="replace")
+        assert code not in (None, 0), f"an unregistered SuperNode kept running:\n{text[-2000:]}"
+        assert any(w in text.lower() for w in ("auth", "permission", "not registered", "unauthenticated")), text[-2000:]
+    finally:
+        if intruder is not None and intruder.poll() is None:
+            intruder.kill()
+        federation_down(tmp_path / "fed")
+    assert not any(_running(p) for p in state["pids"].values())
+
+
+@pytest.mark.e2e
+def test_tls_federation_refuses_plain_connections(tmp_path):
+    """Without the CA (system roots) or with --insecure, a TLS SuperLink cannot be used."""
+    state = federation_up(1, tmp_path / "fed", tls=True)
+    try:
+        cfg = echo_config(tmp_path / "run", n=1)
+        cfg.engine.insecure = True
+        with pytest.raises(EngineError):
+            run_engine(cfg, "deployment", tmp_path / "run" / "run.log", superlink=state["superlink"])
+    finally:
+        federation_down(tmp_path / "fed")
+
+
+def test_remote_connection_settings(tmp_path, capsys):
+    from lada.engines.launch import remote_connection
+
+    cfg = RunConfig()
+    assert remote_connection(cfg, "10.0.0.5:9092") == {"address": "10.0.0.5:9092"}  # TLS, system roots
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    cfg.engine.root_certificates = str(ca)
+    assert remote_connection(cfg, "10.0.0.5:9092")["root-certificates"] == str(ca.absolute())
+    cfg.engine.insecure = True
+    with pytest.raises(EngineError, match="root_certificates is set together with insecure"):
+        remote_connection(cfg, "10.0.0.5:9092")
+    cfg.engine.root_certificates = ""
+    lines = []
+    assert remote_connection(cfg, "10.0.0.5:9092", lines.append) == {"address": "10.0.0.5:9092", "insecure": True}
+    assert "WITHOUT TLS" in lines[0]
+    lines.clear()
+    remote_connection(cfg, "127.0.0.1:9092", lines.append)
+    assert not lines  # on this machine: no warning
+
+
+def test_tls_files_verify(tmp_path):
+    import ssl
+
+    from lada.engines.tls import make_node_keys, make_tls_files
+
+    files = make_tls_files(tmp_path / "c")
+    ctx = ssl.create_default_context(cafile=str(files["ca"]))
+    ctx.load_cert_chain(str(files["cert"]), str(files["key"]))  # the key matches the certificate
+    assert oct(files["key"].stat().st_mode)[-3:] == "600"
+    key, pub = make_node_keys(tmp_path / "k", "client-0")
+    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ") and "OPENSSH PRIVATE KEY" in key.read_text()

@@ -351,7 +351,7 @@ def _run_local_deployment(cfg: RunConfig, run_config: dict, echo: Callable[[str]
         with LocalFederation(len(cfg.clients), state_dir=home / "federation") as fed:
             echo(f"[lada] local federation: SuperLink {fed.address}, {len(cfg.clients)} SuperNode(s), "
                  f"PIDs {sorted(fed.pids.values())}")
-            run_config_file = _write_flwr_home(home, {"address": fed.address, "insecure": True}, run_config)
+            run_config_file = _write_flwr_home(home, fed.connection(), run_config)
             code, lines = _flwr_run(app_dir, run_config_file, flower_env(home), echo)
     finally:
         stop_flower_processes(home)

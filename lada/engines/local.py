@@ -78,11 +78,18 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, ca_file: Path | None = None) -> bool:
+    """Whether the SuperLink answers ``/health`` (over TLS, verified with ``ca_file``, if given)."""
+    import ssl
+
     try:
+        if ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(ca_file))
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=1.0, context=ctx) as r:
+                return r.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
             return r.status == 200
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -121,11 +128,20 @@ class LocalFederation:
 
     Use as a context manager, or `start()` / `stop()`. Client k's SuperNode gets
     ``--node-config "partition-id=k num-partitions=K"`` (plus ``workspace=...`` when
-    given, where clients then keep their state)."""
+    given, where clients then keep their state).
+
+    ``tls``: a CA and a SuperLink certificate are made in the state folder and every
+    connection uses TLS (verified against ``ca.crt``). ``auth`` (needs ``tls``): SuperNode
+    authentication; a key pair per SuperNode is made, its public key registered with the
+    SuperLink (`flwr supernode register`) before the SuperNode starts, and a SuperNode
+    without a registered key is refused."""
 
     def __init__(self, num_clients: int, port: int | None = None, workspace: str | Path | None = None,
                  state_dir: str | Path | None = None, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 60.0) -> None:
+                 startup_timeout_s: float = 60.0, tls: bool = False, auth: bool = False) -> None:
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS: pass tls=True with auth=True")
+        self.tls, self.auth = tls, auth
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.num_clients = num_clients
@@ -156,9 +172,24 @@ class LocalFederation:
         self._write_state()
         return proc
 
+    @property
+    def root_certificates(self) -> Path | None:
+        """The CA certificate clients verify the SuperLink with (None without TLS)."""
+        from lada.engines.tls import CA_CERT
+
+        return (self.state_dir / "certificates" / CA_CERT).absolute() if self.tls else None
+
+    def connection(self) -> dict[str, object]:
+        """Flower connection settings (`$FLWR_HOME/config.toml`) for this SuperLink."""
+        if self.tls:
+            return {"address": self.address, "root-certificates": str(self.root_certificates)}
+        return {"address": self.address, "insecure": True}
+
     def _write_state(self) -> None:
         state = {"superlink": self.address, "port": self.port, "num_clients": self.num_clients,
-                 "pids": self.pids, "create_times": self.create_times, "state_dir": str(self.state_dir.absolute())}
+                 "pids": self.pids, "create_times": self.create_times, "state_dir": str(self.state_dir.absolute()),
+                 "tls": self.tls, "auth": self.auth,
+                 "root_certificates": str(self.root_certificates) if self.tls else ""}
         self.state_path.write_text(json.dumps(state, indent=1))
 
     def _wait(self, name: str, proc: subprocess.Popen, ready) -> None:
@@ -178,24 +209,63 @@ class LocalFederation:
         if self.state_path.exists() and _alive(json.loads(self.state_path.read_text())):
             raise FederationStartError(f"a federation recorded in {self.state_path} is still running; stop it first")
         env = flower_env(self.state_dir / "flwr-home", self.extra_env)
+        certs = self.state_dir / "certificates"
         try:
+            link_security = ["--insecure"]
+            if self.tls:
+                from lada.engines.tls import make_tls_files
+
+                files = make_tls_files(certs)
+                link_security = ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile", str(files["cert"]),
+                                 "--ssl-keyfile", str(files["key"])]
+                if self.auth:
+                    link_security.append("--enable-supernode-auth")
             link = self._spawn("superlink", [
-                flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                flower_executable("flower-superlink"), *link_security, "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.port)], env)
-            self._wait("superlink", link, lambda: _healthy(self.port))
+            self._wait("superlink", link, lambda: _healthy(self.port, self.root_certificates))
             for k in range(self.num_clients):
+                node_security = ["--root-certificates", str(self.root_certificates)] if self.tls else ["--insecure"]
+                if self.auth:
+                    key, pub = self.register_new_key(f"client-{k}", env)
+                    node_security += ["--auth-supernode-private-key", str(key)]
                 node_port = free_port()
                 node_config = f"partition-id={k} num-partitions={self.num_clients}"
                 if self.workspace:
                     node_config += f' workspace="{self.workspace}"'
                 node = self._spawn(f"supernode-{k}", [
-                    flower_executable("flower-supernode"), "--insecure", "--superlink", self.address,
+                    flower_executable("flower-supernode"), *node_security, "--superlink", self.address,
                     "--port", str(node_port), "--node-config", node_config], env)
                 self._wait(f"supernode-{k}", node, lambda p=node_port: _port_open(p))
         except BaseException:
             self.stop()
             raise
         return json.loads(self.state_path.read_text())
+
+    def flwr_home(self) -> Path:
+        """A Flower home whose default connection is this SuperLink (for `flwr` commands)."""
+        home = self.state_dir / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]"]
+        for key, value in self.connection().items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+        return home
+
+    def register_new_key(self, name: str, env: dict[str, str] | None = None) -> tuple[Path, Path]:
+        """Make a SuperNode key pair ``<state>/keys/<name>.key|.pub`` and register its public
+        key with the SuperLink (`flwr supernode register`)."""
+        from lada.engines.tls import make_node_keys
+
+        key, pub = make_node_keys(self.state_dir / "keys", name)
+        home = self.flwr_home()
+        env = dict(env or flower_env(home, self.extra_env), FLWR_HOME=str(home))
+        res = subprocess.run([flower_executable("flwr"), "supernode", "register", str(pub), "local"],
+                             capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+        if res.returncode != 0 or "registered successfully" not in res.stdout + res.stderr:
+            raise FederationStartError(f"registering {pub} with the SuperLink failed (exit {res.returncode}):\n"
+                                       f"{(res.stdout + res.stderr).strip()[-2000:]}")
+        return key, pub
 
     def stop(self) -> None:
         """Stop every process by PID and check they are gone."""
@@ -234,10 +304,11 @@ def _mkdtemp(prefix: str) -> str:
 # ----------------------------------------------------------------------------- CLI helpers
 
 def federation_up(num_clients: int, state_dir: str | Path, port: int | None = None,
-                  workspace: str | Path | None = None) -> dict:
+                  workspace: str | Path | None = None, tls: bool = False, auth: bool = False) -> dict:
     """Start a local federation that outlives this process; its PIDs and logs go to
-    ``state_dir``. Returns {"superlink": "127.0.0.1:P", "pids": {...}, ...}."""
-    fed = LocalFederation(num_clients, port=port, workspace=workspace, state_dir=state_dir)
+    ``state_dir`` (with ``tls``/``auth``: also the certificates and keys). Returns
+    {"superlink": "127.0.0.1:P", "pids": {...}, "root_certificates": ..., ...}."""
+    fed = LocalFederation(num_clients, port=port, workspace=workspace, state_dir=state_dir, tls=tls, auth=auth)
     return fed.start()
 
 
