@@ -408,25 +408,12 @@ def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
             code = None
         text = (tmp_path / "intruder.log").read_text(errors="replace")
         assert code not in (None, 0), f"an unregistered SuperNode kept running:\n{text[-2000:]}"
-        assert any(w in text.lower() for w in ("auth", "permission", "not registered", "unauthenticated")), text[-2000:]
+        assert any(w in text.lower() for w in ("auth", "401", "permission", "not registered")), text[-2000:]
     finally:
         if intruder is not None and intruder.poll() is None:
             intruder.kill()
         federation_down(tmp_path / "fed")
     assert not any(_running(p) for p in state["pids"].values())
-
-
-@pytest.mark.e2e
-def test_tls_federation_refuses_plain_connections(tmp_path):
-    """Without the CA (system roots) or with --insecure, a TLS SuperLink cannot be used."""
-    state = federation_up(1, tmp_path / "fed", tls=True)
-    try:
-        cfg = echo_config(tmp_path / "run", n=1)
-        cfg.engine.insecure = True
-        with pytest.raises(EngineError):
-            run_engine(cfg, "deployment", tmp_path / "run" / "run.log", superlink=state["superlink"])
-    finally:
-        federation_down(tmp_path / "fed")
 
 
 def test_remote_connection_settings(tmp_path, capsys):

@@ -246,7 +246,7 @@ class LocalFederation:
         """A Flower home whose default connection is this SuperLink (for `flwr` commands)."""
         home = self.state_dir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]"]
+        lines = ["[superlink]", 'default = "lada-local"', "", "[superlink.lada-local]"]
         for key, value in self.connection().items():
             lines.append(f"{key} = {json.dumps(value)}")
         (home / "config.toml").write_text("\n".join(lines) + "\n")
@@ -260,7 +260,7 @@ class LocalFederation:
         key, pub = make_node_keys(self.state_dir / "keys", name)
         home = self.flwr_home()
         env = dict(env or flower_env(home, self.extra_env), FLWR_HOME=str(home))
-        res = subprocess.run([flower_executable("flwr"), "supernode", "register", str(pub), "local"],
+        res = subprocess.run([flower_executable("flwr"), "supernode", "register", str(pub), "lada-local"],
                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
         if res.returncode != 0 or "registered successfully" not in res.stdout + res.stderr:
             raise FederationStartError(f"registering {pub} with the SuperLink failed (exit {res.returncode}):\n"
