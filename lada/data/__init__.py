@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,7 +45,9 @@ def _load(data_cfg: "DataConfig") -> list[Example]:
     and the tokenizer corpus all read the same file)."""
     key = (data_cfg.source, str(data_cfg.path), bool(data_cfg.skip_bad_lines))
     if key not in _LOADED:
-        _LOADED[key] = load_dataset(data_cfg.source, data_cfg.path, skip_bad=data_cfg.skip_bad_lines)
+        report = LoadReport()
+        _LOADED[key] = load_dataset(data_cfg.source, data_cfg.path, skip_bad=data_cfg.skip_bad_lines, report=report)
+        logging.getLogger(__name__).info("%s %s: %s", data_cfg.source, data_cfg.path or "(shipped copy)", report)
     return list(_LOADED[key])
 
 
