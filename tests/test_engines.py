@@ -355,11 +355,12 @@ def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_tiny_lada_run_through_simulation(tmp_path, monkeypatch):
-    """The LaDa plug-in on the one-way CoT host through Flower's simulation runtime:
-    both directions run their filter, and its diagnostics land in the metrics (the tiny
-    models find few verified paths; filter learning is tested in test_lada_plugin)."""
+    """The LaDa plug-in on the CoT host with paths both ways (``upward``) through Flower's
+    simulation runtime: both directions run their filter, and its diagnostics land in
+    the metrics (the tiny models find few verified paths; filter learning is tested in
+    test_lada_plugin)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = tiny_config(tmp_path / "run", 'plugin.name="lada"', "rounds=2")
+    cfg = tiny_config(tmp_path / "run", 'plugin.name="lada"', "host.upward=true", "rounds=2")
     run_engine(cfg, "simulation", tmp_path / "run" / "run.log")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in rows if r["participant"] != "llm" and r["round"] > 0]
