@@ -91,7 +91,8 @@ class DataConfig:
     server_train_size: int = 2000  # server warm-up data, disjoint from the rest
     partition: str = "domain"
     dirichlet_alpha: float = 0.5
-    domains: list[str] = field(default_factory=lambda: ["shop", "farm", "travel"])  # synthetic client domains
+    # synthetic client domains, one per client; clients beyond the list get generated ones (gen0, gen1, ...)
+    domains: list[str] = field(default_factory=lambda: ["shop", "farm", "travel"])
     skip_bad_lines: bool = False  # report and skip malformed lines instead of stopping
     # Folder of per-participant files (lada.data.split); each node reads only its own part.
     # Empty: `lada run` writes <run_dir>/data before the run.
@@ -107,21 +108,21 @@ class DataConfig:
         check_non_negative(self, where, "server_train_size")
 
     def validate_domains(self, where: str) -> None:
-        """The synthetic task needs exactly one known client domain per client."""
+        """Synthetic task: the first ``num_clients`` domains must be known client domains
+        (named, or generated ``gen<k>``), one per client; clients beyond the list get
+        generated domains (see ``lada.data.synthetic.client_domains``)."""
         if self.source != "synthetic":
             return
-        from lada.data.synthetic import CLIENT_DOMAINS
+        from lada.data.synthetic import CLIENT_DOMAINS, GENERATED_PREFIX, is_client_domain
 
-        if len(self.domains) != self.num_clients:
-            raise ConfigError(f"{where}.domains: {len(self.domains)} domain(s) {self.domains} for "
-                              f"num_clients = {self.num_clients}; the synthetic task needs one per client, "
-                              f"from {list(CLIENT_DOMAINS)}")
-        for i, d in enumerate(self.domains):
-            if d not in CLIENT_DOMAINS:
-                raise ConfigError(f"{where}.domains[{i}]: {d!r} is not a synthetic client domain; "
-                                  f"choose from {list(CLIENT_DOMAINS)}")
-        if len(set(self.domains)) != len(self.domains):
-            raise ConfigError(f"{where}.domains: each client needs its own domain, got {self.domains}")
+        used = list(self.domains)[:self.num_clients]
+        for i, d in enumerate(used):
+            if not is_client_domain(d):
+                raise ConfigError(f"{where}.domains[{i}]: {d!r} is not a synthetic client domain; choose from "
+                                  f"{list(CLIENT_DOMAINS)} or generated ones ({GENERATED_PREFIX}0, "
+                                  f"{GENERATED_PREFIX}1, ...)")
+        if len(set(used)) != len(used):
+            raise ConfigError(f"{where}.domains: each client needs its own domain, got {used}")
 
 
 @dataclass
@@ -154,8 +155,8 @@ class GenerationConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 128
-    batch_size: int = 64
-    eval_batch_size: int = 128
+    batch_size: int = 256  # sequences per sampling batch (prompts x paths); outputs do not depend on it
+    eval_batch_size: int = 256
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "paths_per_question", "max_new_tokens", "batch_size", "eval_batch_size")

@@ -4,6 +4,7 @@ import os
 # several torch threads on tiny matmuls spend their time spinning, not computing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LADA_THREADS", "1")  # lada.threads would give each run its share of the cores
 
 import tempfile  # noqa: E402
 

@@ -190,7 +190,7 @@ CONFIG_CASES = [
     ("empty key part", "train..lr=1", "empty key part"),
     ("no equals sign", "train.lr", "must look like key.path=value"),
     ("negative server_train_size", "data.server_train_size=-5", "[data].server_train_size: must be >= 0"),
-    ("empty domains", "data.domains=[]", "[data].domains: 0 domain(s)"),
+    ("malformed generated domain", 'data.domains=["shop","gen01"]', "[data].domains[1]: 'gen01'"),
     ("unknown domain", 'data.domains=["shop","farm","moon"]', "[data].domains[2]: 'moon'"),
     ("repeated domain", 'data.domains=["shop","farm","farm"]', "each client needs its own domain"),
     ("lora_dropout 2.0", "clients.0.lora_dropout=2.0", "lora_dropout: must be in [0, 1)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from lada.config import DataConfig
 from lada.data.answers import check_steps, verify_path
 from lada.data.records import example_target
-from lada.data.synthetic import (CLIENT_DOMAINS, DOMAINS, MAX_VALUE, NAMES, build_synthetic, domain_facts,
+from lada.data.synthetic import (CLIENT_DOMAINS, DOMAINS, MAX_VALUE, NAMES, build_synthetic, client_domains,
+                                 domain_facts,
                                  federated_sizes, generate, tokenizer_corpus)
 
 LINE = re.compile(r"^(\d+)([-+*/])(\d+)=<<\1\2\3=(\d+)>>\4$")
@@ -137,10 +139,52 @@ def test_build_synthetic_sizes_domains_and_disjointness():
 
 
 def test_build_synthetic_rejects_bad_domains():
-    with pytest.raises(ValueError, match="data.domains"):
-        build_synthetic(_cfg(domains=["shop", "farm"]), seed=0)
     with pytest.raises(ValueError, match="general"):
         build_synthetic(_cfg(domains=["shop", "farm", "general"]), seed=0)
+    with pytest.raises(ValueError, match="own domain"):
+        build_synthetic(_cfg(domains=["shop", "gen0", "gen0"]), seed=0)
+
+
+def test_generated_domains_fill_clients_beyond_the_named_ones():
+    cfg = _cfg(num_clients=30, train_per_client=5, test_per_client=3, public_size=60, server_test_size=31)
+    doms = client_domains(cfg)
+    assert doms[:3] == ["shop", "farm", "travel"] and doms[3:] == [f"gen{k}" for k in range(27)]
+    fed = build_synthetic(cfg, seed=0)
+    assert len(fed.clients) == 30
+    for shard, dom in zip(fed.clients, doms):
+        assert {e.domain for e in shard.train + shard.test} == {dom}
+    assert {e.domain for e in fed.server_test} == {"general", *doms}
+    # listed generated domains are skipped when filling
+    assert client_domains(_cfg(num_clients=4, domains=["gen1", "shop"])) == ["gen1", "shop", "gen0", "gen2"]
+
+
+def test_generated_domains_are_deterministic_and_have_their_own_facts():
+    a, b = domain_facts("gen3"), domain_facts("gen3")
+    assert a == b and domain_facts("gen4") != a
+    tables = [domain_facts(f"gen{k}") for k in range(40)]
+    assert len({json.dumps(t, sort_keys=True) for t in tables}) == 40
+    for k in (0, 7, 39):
+        dom = f"gen{k}"
+        exs = generate(dom, 50, seed=0)
+        assert exs == generate(dom, 50, seed=0) and exs != generate(dom, 50, seed=1)
+        facts = domain_facts(dom)
+        for ex in exs:  # every problem is consistent: its steps evaluate to the answer
+            assert LINE.match(ex.rationale.splitlines()[-1]).group(4) == ex.answer
+        # a fact step's operand is nowhere in the question
+        used = [(op, t) for op, table in facts.items() for t in table if f" {t}." in " ".join(e.question for e in exs)]
+        assert used
+
+
+def test_bad_domains_are_config_errors_and_any_client_count_is_fine():
+    from lada.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[data\].domains: each client needs its own domain"):
+        DataConfig(num_clients=2, domains=["farm", "farm"]).validate_domains("[data]")
+    with pytest.raises(ConfigError, match="not a synthetic client domain"):
+        DataConfig(num_clients=2, domains=["shop", "moon"]).validate_domains("[data]")
+    DataConfig(num_clients=12, domains=["shop"]).validate_domains("[data]")  # the rest are generated
+    DataConfig(num_clients=5, domains=[]).validate_domains("[data]")
+    assert client_domains(_cfg(num_clients=2)) == ["shop", "farm"]  # the first num_clients of the list
 
 
 def test_tokenizer_corpus_covers_all_vocabulary_without_fact_examples():

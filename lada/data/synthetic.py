@@ -161,6 +161,83 @@ _ALL = (GENERAL, SHOP, FARM, TRAVEL, KITCHEN)
 DOMAINS: dict[str, Domain] = {d.name: d for d in _ALL}
 CLIENT_DOMAINS: tuple[str, ...] = tuple(d.name for d in _ALL if d.facts)
 
+# ----------------------------------------------------------------------------- generated domains
+# Beyond the named domains, ``gen<k>`` (gen0, gen1, ...) are built from word pools by a
+# generator seeded with k: a setting (place and unit), phrasings picked from template
+# pools, and fact tables that give their own operand to each of their things. Two
+# generated domains may share a noun, but not its value: the facts are what a client
+# knows that nobody else does. The named domains above are untouched by this.
+GENERATED_PREFIX = "gen"
+_SETTINGS = (("garden", "flowers"), ("library", "books"), ("harbour", "fish"), ("bakery", "loaves"),
+             ("workshop", "nails"), ("school", "pencils"), ("market", "beads"), ("mine", "gems"),
+             ("forest", "logs"), ("studio", "paints"), ("castle", "stones"), ("island", "shells"),
+             ("factory", "bolts"), ("stadium", "seats"), ("station", "crates"), ("museum", "medals"),
+             ("camp", "matches"), ("pond", "pebbles"), ("tower", "bells"), ("village", "candles"))
+_OPENINGS = ("At the {place}, {name} has {s} {unit}.", "{name} keeps {s} {unit} at the {place}.",
+             "In the {place}, {name} counts {s} {unit}.")
+_CLOSINGS = ("How many {unit} does {name} have now?", "How many {unit} are at the {place} in the end?",
+             "How many {unit} are left?")
+_EXPLICIT = {
+    "+": ("{name} collects {n} more {unit}.", "{name} gets {n} extra {unit}.", "{n} new {unit} arrive."),
+    "-": ("{name} hands out {n} {unit}.", "{n} {unit} go missing.", "{name} uses up {n} {unit}."),
+    "*": ("The stock of {unit} grows {n} times.", "{name} makes it {n} times as many."),
+    "/": ("{name} packs them into {n} equal boxes and keeps one.", "{name} splits them {n} ways and keeps a share."),
+}
+_FACT_TEMPLATES = {
+    "+": ("{name} opens a {thing}.", "{name} wins a {thing}.", "{name} finds a {thing}."),
+    "-": ("{name} fills a {thing}.", "{name} pays for a {thing}.", "{name} gives away a {thing}."),
+    "*": ("{name} turns each one into {thing}.", "{name} swaps every one for {thing}."),
+    "/": ("{name} turns the {thing} back.", "{name} changes the {thing} back again."),
+}
+_NOUNS = ("box", "bag", "jar", "sack", "tin", "chest", "crate", "basket", "bucket", "barrel", "parcel", "pouch",
+          "drawer", "shelf", "tray", "bundle", "case", "cart", "trunk", "kit")
+_GROUPS = ("pairs", "trios", "fours", "fives", "dozens", "stacks", "rows", "piles", "rings", "sets")
+_GENERATED: dict[str, Domain] = {}
+
+
+def generated_index(name: str) -> int | None:
+    """k for a generated domain name ``gen<k>``, else None."""
+    rest = name[len(GENERATED_PREFIX):] if name.startswith(GENERATED_PREFIX) else ""
+    return int(rest) if rest.isdigit() and (rest == "0" or not rest.startswith("0")) else None
+
+
+def generated_domain(k: int) -> Domain:
+    """Generated domain ``gen<k>``: deterministic by k."""
+    name = f"{GENERATED_PREFIX}{k}"
+    if name not in _GENERATED:
+        rng = random.Random(f"lada-synthetic/domain/{k}")
+        place, unit = _SETTINGS[k % len(_SETTINGS)]
+        sub = {"place": place, "unit": unit}
+
+        def fill(t: str) -> str:  # fill the setting, keep the per-problem fields
+            return t.replace("{place}", place).replace("{unit}", unit)
+
+        explicit = {op: (fill(rng.choice(ts)),) for op, ts in _EXPLICIT.items()}
+        adds = rng.sample(_NOUNS, 12)
+        groups = rng.sample(_GROUPS, 4)
+        mul_values = rng.sample(list(_operands("*")), 4)
+        facts = {
+            "+": (fill(rng.choice(_FACT_TEMPLATES["+"])), {t: rng.randint(*ADD_RANGE) for t in adds[:6]}),
+            "-": (fill(rng.choice(_FACT_TEMPLATES["-"])), {t: rng.randint(*ADD_RANGE) for t in adds[6:]}),
+            "*": (fill(rng.choice(_FACT_TEMPLATES["*"])), dict(zip(groups, mul_values))),
+            "/": (fill(rng.choice(_FACT_TEMPLATES["/"])), dict(zip(groups, mul_values))),
+        }
+        _GENERATED[name] = Domain(name=name, unit=unit, opening=fill(rng.choice(_OPENINGS)).format_map(_Keep(sub)),
+                                  closing=fill(rng.choice(_CLOSINGS)), explicit=explicit, facts=facts,
+                                  fact_prob=0.6, step_weights=(3, 3, 2, 2, 1, 1))
+    return _GENERATED[name]
+
+
+class _Keep(dict):
+    """format_map helper: leaves unknown fields as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def is_client_domain(name: str) -> bool:
+    return name in CLIENT_DOMAINS or generated_index(name) is not None
+
 
 def domain_facts(domain: str) -> dict[str, dict[str, int]]:
     """The implicit facts of a domain as {op: {thing: operand}} (empty for general)."""
@@ -168,9 +245,13 @@ def domain_facts(domain: str) -> dict[str, dict[str, int]]:
 
 
 def _domain(name: str) -> Domain:
-    if name not in DOMAINS:
-        raise ValueError(f"unknown synthetic domain {name!r}; known: {sorted(DOMAINS)}")
-    return DOMAINS[name]
+    if name in DOMAINS:
+        return DOMAINS[name]
+    k = generated_index(name)
+    if k is None:
+        raise ValueError(f"unknown synthetic domain {name!r}; known: {sorted(DOMAINS)} and generated "
+                         f"{GENERATED_PREFIX}0, {GENERATED_PREFIX}1, ...")
+    return generated_domain(k)
 
 
 def _apply(v: int, op: str, n: int) -> int:
@@ -307,16 +388,35 @@ def federated_sizes(data_cfg: "DataConfig") -> dict[str, dict[str, int]]:
     }
 
 
-def _client_domains(data_cfg: "DataConfig") -> list[str]:
-    doms = list(data_cfg.domains)
-    if len(doms) != data_cfg.num_clients:
-        raise ValueError(f"data.domains has {len(doms)} entries but data.num_clients = {data_cfg.num_clients}")
-    for d in doms:
-        if d not in CLIENT_DOMAINS:
-            raise ValueError(f"data.domains: {d!r} is not a synthetic client domain; choose from {CLIENT_DOMAINS}")
-    if len(set(doms)) != len(doms):
-        raise ValueError(f"data.domains: each client needs its own domain, got {doms}")
+def check_domains(domains: list[str], num_clients: int) -> str | None:
+    """What is wrong with ``data.domains`` for ``num_clients`` clients, or None."""
+    domains = domains[:num_clients]
+    for d in domains:
+        if not is_client_domain(d):
+            return (f"{d!r} is not a synthetic client domain; choose from {CLIENT_DOMAINS} or generated ones "
+                    f"({GENERATED_PREFIX}0, {GENERATED_PREFIX}1, ...)")
+    if len(set(domains)) != len(domains):
+        return f"each client needs its own domain, got {domains}"
+    return None
+
+
+def client_domains(data_cfg: "DataConfig") -> list[str]:
+    """One domain per client: the first ``num_clients`` of ``data.domains``, then
+    generated domains (gen0, gen1, ... not already listed) for the clients beyond them."""
+    doms = list(data_cfg.domains)[:data_cfg.num_clients]
+    problem = check_domains(doms, data_cfg.num_clients)
+    if problem:
+        raise ValueError(f"data.domains: {problem}")
+    k = 0
+    while len(doms) < data_cfg.num_clients:
+        name = f"{GENERATED_PREFIX}{k}"
+        if name not in doms:
+            doms.append(name)
+        k += 1
     return doms
+
+
+_client_domains = client_domains
 
 
 def build_synthetic(data_cfg: "DataConfig", seed: int) -> "FederatedData":
@@ -375,8 +475,12 @@ def tokenizer_corpus(data_cfg: "DataConfig", seed: int, per_domain: int = 400) -
     for name in CLIENT_DOMAINS:
         for ex in generate(name, per_domain, stream):
             texts.append(example_prompt(ex))
+    generated = [d for d in client_domains(data_cfg) if d not in DOMAINS]
+    for name in generated:  # only configs that use generated domains see these texts
+        for ex in generate(name, per_domain // 4, stream):
+            texts.append(example_prompt(ex))
     words: set[str] = set(NAMES)
-    for dom in _ALL:
+    for dom in [*_ALL, *(generated_domain(generated_index(d)) for d in generated)]:
         for templates in dom.explicit.values():
             words.update(t.format(name="", n="").strip() for t in templates)
         for template, table in dom.facts.values():

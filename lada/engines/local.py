@@ -224,6 +224,8 @@ class LocalFederation:
                 flower_executable("flower-superlink"), *link_security, "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.port)], env)
             self._wait("superlink", link, lambda: _healthy(self.port, self.root_certificates))
+            # K SuperNodes on this machine compute at once: each takes 1/K of the cores (lada.threads)
+            node_env = dict(env, LADA_WORKERS=env.get("LADA_WORKERS") or str(self.num_clients))
             for k in range(self.num_clients):
                 node_security = ["--root-certificates", str(self.root_certificates)] if self.tls else ["--insecure"]
                 if self.auth:
@@ -235,7 +237,7 @@ class LocalFederation:
                     node_config += f' workspace="{self.workspace}"'
                 node = self._spawn(f"supernode-{k}", [
                     flower_executable("flower-supernode"), *node_security, "--superlink", self.address,
-                    "--port", str(node_port), "--node-config", node_config], env)
+                    "--port", str(node_port), "--node-config", node_config], node_env)
                 self._wait(f"supernode-{k}", node, lambda p=node_port: _port_open(p))
         except BaseException:
             self.stop()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from lada.config import RunConfig
+from lada.threads import fit_threads, registered_run
 from lada.experiments.report import accuracy_table, markdown_table, plot_accuracy, print_table, read_metrics
 
 log = logging.getLogger("lada")
@@ -145,9 +146,11 @@ def _execute(cfg: RunConfig, run_dir: Path, engine: str, superlink: str | None, 
             t0 = time.perf_counter()
             log.info("%s %s: host=%s plugin=%s engine=%s seed=%d rounds=%d -> %s", "resume" if resume else "run",
                      cfg.name, cfg.host_name, cfg.plugin_name, engine, cfg.seed, cfg.rounds, run_dir)
-            if warmup and not (engine == "deployment" and (superlink or cfg.engine.superlink)):
-                warm_up_all(cfg)
-            run_engine(cfg, engine, run_dir / "run.log", superlink=superlink, run_id=run_id, resume=resume)
+            with registered_run():  # other runs on this machine leave it its share of the cores
+                fit_threads()
+                if warmup and not (engine == "deployment" and (superlink or cfg.engine.superlink)):
+                    warm_up_all(cfg)
+                run_engine(cfg, engine, run_dir / "run.log", superlink=superlink, run_id=run_id, resume=resume)
             rows = read_metrics(run_dir / "metrics.jsonl")
             write_run_state(run_dir, status="done")
             finish_run(run_dir, rows, title=f"{cfg.name}: host={cfg.host_name} plugin={cfg.plugin_name}")

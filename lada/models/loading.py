@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from lada.config import ModelConfig
 from lada.models.tiny import tiny_model_config
 from lada.models.tokenizers import tokenizer_for
+from lada.timing import timed_fn
 
 META_FILE = "lada_model.json"
 ADAPTER_DIR = "adapter"
@@ -154,6 +155,7 @@ def _clean_base_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@timed_fn("serialisation")
 def save_model(lm: LoadedModel, path: str | Path) -> Path:
     """Write tokenizer, model and (with LoRA) the adapter to directory ``path``.
 
@@ -184,6 +186,7 @@ def save_model(lm: LoadedModel, path: str | Path) -> Path:
     return path
 
 
+@timed_fn("serialisation")
 def load_model(model_cfg: ModelConfig, path: str | Path, seed: int = 0) -> LoadedModel:
     """Read a directory written by ``save_model``. dtype and device come from
     ``model_cfg``; a saved adapter is loaded trainable. A directory without an adapter

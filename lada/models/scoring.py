@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from lada.models.training import IGNORE, collate, encode_pairs
+from lada.timing import timed
 
 
 def _max_length(lm) -> int:
@@ -51,6 +52,11 @@ def token_logprobs(lm, prompts: list[str], targets: list[str], batch_size: int =
         raise ValueError(f"token_logprobs: {len(prompts)} prompts but {len(targets)} targets")
     if not prompts:
         return []
+    with contextlib.nullcontext() if grad else timed("scoring"):  # with grad it is part of a training step
+        return _token_logprobs(lm, prompts, targets, batch_size, grad, max_length)
+
+
+def _token_logprobs(lm, prompts, targets, batch_size, grad, max_length) -> list[torch.Tensor]:
     encoded = encode_pairs(lm.tokenizer, list(zip(prompts, targets)), max_length or _max_length(lm))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     out: list[torch.Tensor | None] = [None] * len(encoded)

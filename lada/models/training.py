@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lada.config import TrainConfig
+from lada.timing import timed_fn
 
 IGNORE = -100
 
@@ -132,6 +133,7 @@ def _batches(n: int, batch_size: int, seed: int):
         buf = buf[batch_size:]
 
 
+@timed_fn("training")
 def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainConfig, seed: int,
                 extra_loss: Callable[[int], torch.Tensor | None] | None = None, desc: str = "train",
                 lr: float | None = None, batch_size: int | None = None, schedule: str = "cosine",

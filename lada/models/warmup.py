@@ -203,6 +203,15 @@ def participant_stages(cfg: RunConfig, view: "ParticipantData", who: str) -> lis
     return [(list(view.train) + list(view.general), cfg.clients[k].warmup_steps)]
 
 
+def _client_domain(cfg: RunConfig, k: int) -> str:
+    """Client k's synthetic domain (a generated one beyond ``data.domains``)."""
+    if cfg.data.source != "synthetic":
+        return cfg.data.domains[k] if k < len(cfg.data.domains) else ""
+    from lada.data.synthetic import client_domains
+
+    return client_domains(cfg.data)[k]
+
+
 def participant_config(cfg: RunConfig, who: str) -> ModelConfig:
     if who == "shared-slm":
         return cfg.clients[0]
@@ -235,7 +244,7 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
     sets = {"general 1-3": generate("general", n, stream, 1, 3, step_weights=[1, 1, 1], exclude=seen),
             "general 4-6": generate("general", n, stream, 4, 6, step_weights=[1, 1, 1], exclude=seen)}
     for k, shard in enumerate(fed.clients):
-        sets[cfg.data.domains[k]] = list(shard.test)
+        sets[_client_domain(cfg, k)] = list(shard.test)
     return sets
 
 
@@ -249,7 +258,8 @@ def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, l
 
 def format_table(cfg: RunConfig, rows: list[dict]) -> str:
     """Markdown table: participant, model, params, steps, seconds, accuracies."""
-    doms = list(cfg.data.domains)
+    doms = [_client_domain(cfg, k) for k in range(len(cfg.clients))] if cfg.data.source == "synthetic" \
+        else list(cfg.data.domains)
     head = ["participant", "model", "params", "warm-up steps", "seconds", "own domain", "general 1-3",
             "general 4-6", *doms]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{who}: shipped {path}", file=sys.stderr)
         row = {"who": who, "model": participant_config(cfg, who), "params": meta["params"], "steps": meta["steps"],
                "seconds": meta["seconds"], "path": str(path),
-               "domain": "" if who == "server" else cfg.data.domains[int(who.removeprefix("client"))]}
+               "domain": "" if who == "server" else _client_domain(cfg, int(who.removeprefix("client")))}
         if sets:
             row["accuracy"] = evaluate_participant(cfg, path, who, sets)
         print(f"{who}: {path} ({meta['steps']} steps, {meta['seconds']:.0f} s, loss {meta['final_loss']:.3f})"

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 from lada import registry
 from lada.protocol.host import PLUGIN_PREFIX, Host, Phase, Plugin
+from lada.threads import client_workers, fit_threads
 from lada.protocol.payload import Payload, check_payload, payload_nbytes
 
 SETUP = Phase("setup", "query")
@@ -175,11 +176,14 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
         state = start_round(rnd)
         for phase in host.phases(rnd):
             progress(f"round {rnd}/{cfg.rounds}: {phase.name} ({len(state.active)} client(s))")
+            fit_threads()  # the server computes alone while clients wait, and vice versa
+            t_phase = time.perf_counter()
             out = host.server_send(phase.name, rnd, server, list(state.active))
             out = {k: p for k, p in out.items() if k in state.active}
             replies = _exchange(transport, phase, rnd, out, traffic, state.failures, bases, attempt) if out else {}
             state.drop_failed(rnd, phase.name, progress)
             host.server_receive(phase.name, rnd, replies, server)
+            server.log_metric(f"phase_{phase.name}_seconds", time.perf_counter() - t_phase)
             _count_nonfinite_steps(server)
         finish_round(rnd, state, traffic, time.perf_counter() - t0)
 
@@ -207,6 +211,8 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
     from lada.protocol.commit import prune, snapshot
 
     progress(f"round {rnd}/{cfg.rounds}: evaluate ({len(state.active)} client(s))")
+    fit_threads()
+    t_clients = time.perf_counter()
     replies = _exchange(transport, EVALUATE, rnd, {k: {} for k in state.active}, None, state.failures, bases, attempt)
     state.drop_failed(rnd, "evaluate", progress)
     t0 = time.perf_counter()
@@ -215,7 +221,8 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
                "n_test": len(correct), "bytes_up": sum(traffic.up.values()),
                "bytes_down": sum(traffic.down.values()), "lada_bytes_up": sum(traffic.plugin_up.values()),
                "lada_bytes_down": sum(traffic.plugin_down.values()), "seconds": round_seconds,
-               "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached)}
+               "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached),
+               "clients_eval_seconds": t0 - t_clients}
     llm_row.update(_accuracy_by_domain(server.test_set, correct))
     llm_row.update(server.pop_metrics())
     server.save_state()
@@ -338,6 +345,7 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     cfg = _config_from_text(cfg_file.read_text())
     if base is not None:
         sync_working(ws, int(base), rnd, phase, attempt)
+    fit_threads(client_workers(cfg))
     # A SuperNode on its own machine names its part of the data split with
     # --node-config "data-dir=/path"; otherwise the run's [data] split_dir is used.
     node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)
