@@ -76,7 +76,8 @@ def test_shipped_configs_validate():
     for name in sorted(str(p) for p in Path("configs").glob("*.toml")):
         cfg = load_config(name)
         assert len(cfg.clients) == cfg.data.num_clients
-        assert len({c.name for c in cfg.clients}) == len(cfg.clients), "default clients must be heterogeneous"
+        # heterogeneous: as many model families as clients, up to the three tiny families
+        assert len({c.name for c in cfg.clients}) == min(3, len(cfg.clients)), "default clients must be heterogeneous"
 
 
 def test_build_dataclass_rejects_non_table():

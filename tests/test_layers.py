@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own package and lower layers; the packages of
 # one layer (hosts and plugin) must not import each other.
 LAYERS = [
-    ["lada.schema"],
+    ["lada.schema", "lada.timing", "lada.threads"],  # timing and threads import no lada module
     ["lada.data"],  # records, answers, loaders, the synthetic task: plain Python, no config
     ["lada.registry"],
     ["lada.config"],

@@ -1,8 +1,18 @@
-"""Micro-benchmarks of the hot paths, written to a JSON and a Markdown file:
-batched sampling (vs one prompt at a time), greedy evaluation, path scoring, training
-throughput, and the LaDa filter's select/update cost.
+"""Benchmarks of the hot paths against this machine's limits, written to a JSON and a
+Markdown file:
 
-    python -m lada.experiments.bench --out bench/results.json [--config configs/default.toml]
+1. the limits: fp32 and bf16 matmul peak (GFLOP/s) and memory bandwidth, measured in
+   the same run with the same threads;
+2. every case (sampling, greedy evaluation, scoring, training fp32 and bf16, for the
+   server model and a client model) as achieved GFLOP/s and % of the fp32 peak;
+   2 x params x tokens for decoding and scoring, 6 x params x tokens for training
+   (attention excluded, padding not counted);
+3. one default round of cot+lada (inline engine) split into sampling, scoring,
+   training, evaluation, filter, serialisation and engine/host overhead;
+4. scaling: 3, 10 and 30 simulated clients (tiny-test models) through Flower's
+   simulation runtime: seconds per round and peak resident memory per round.
+
+    python -m lada.experiments.bench --out bench/results.json [--config configs/default.toml] [--skip-scaling]
 
 Numbers depend on the machine and its load; the file records threads and CPU count.
 """
@@ -13,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,54 +38,86 @@ def _timed(fn, repeat: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def bench(config: str, n_prompts: int = 64) -> dict:
+# ----------------------------------------------------------------------------- limits
+
+def matmul_peak(dtype, n: int = 1024, seconds: float = 1.5) -> float:
+    """GFLOP/s of a square matmul (the best of repeated runs)."""
     import torch
 
-    from lada.config import load_config
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def memory_bandwidth(mb: int = 256) -> float:
+    """GB/s of a large tensor copy (read + write)."""
+    import torch
+
+    src = torch.ones(mb * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    secs, _ = _timed(lambda: dst.copy_(src), repeat=5)
+    return 2 * src.numel() * 4 / secs / 1e9
+
+
+# ----------------------------------------------------------------------------- cases
+
+def _case(cases: dict, name: str, seconds: float, flops: float, peak: float, **extra) -> None:
+    cases[name] = {"seconds": seconds, "gflops": flops / seconds / 1e9,
+                   "pct_of_fp32_peak": 100 * flops / seconds / 1e9 / peak, **extra}
+
+
+def bench_cases(cfg, peak: float) -> dict:
+    import torch
+
     from lada.data import build_federated_data
     from lada.data.records import example_prompt, example_target
     from lada.models.generation import evaluate, sample_paths
     from lada.models.loading import load_model
     from lada.models.scoring import sequence_logprobs
-    from lada.models.training import train_steps
+    from lada.models.training import encode_pairs, train_steps
     from lada.plugin.filter import FilterConfig, LadaFilter
     from lada.protocol.node import participant_checkpoint
 
-    cfg = load_config(config)
     fed = build_federated_data(cfg.data, cfg.data.seed)
-    results: dict = {"config": config, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                     "python": platform.python_version(), "torch": torch.__version__, "cases": {}}
-    cases = results["cases"]
+    gen = cfg.generation
+    cases: dict = {}
     for who, mcfg in [("llm", cfg.server), ("client-0", cfg.clients[0])]:
         lm = load_model(mcfg, participant_checkpoint(cfg, who, progress=True))
-        prompts = [example_prompt(ex) for ex in fed.public[:n_prompts]]
-        gen = cfg.generation
+        params = sum(p.numel() for p in lm.model.parameters())
+        prompts = [example_prompt(ex) for ex in fed.public]
         secs, paths = _timed(lambda: sample_paths(lm, prompts, gen.paths_per_question, gen, seed=0, progress=False))
-        n_paths = sum(len(p) for p in paths)
-        tokens = sum(len(lm.tokenizer(t)["input_ids"]) for ps in paths for t in ps)
-        cases[f"{who}: sample {n_paths} paths (batched)"] = {"seconds": secs, "paths_per_s": n_paths / secs,
-                                                             "new_tokens_per_s": tokens / secs}
-        one = prompts[:8]
-        from dataclasses import replace
-
-        secs1, _ = _timed(lambda: sample_paths(lm, one, gen.paths_per_question,
-                                               replace(gen, batch_size=gen.paths_per_question), seed=0, progress=False))
-        cases[f"{who}: sample {len(one) * gen.paths_per_question} paths, one prompt per batch"] = {
-            "seconds": secs1, "paths_per_s": len(one) * gen.paths_per_question / secs1}
+        new = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for ps in paths for t in ps)
+        _case(cases, f"{who} ({params / 1e6:.2f}M): sample {len(prompts)}x{gen.paths_per_question} paths, "
+                     f"batch {gen.batch_size}", secs, 2 * params * new, peak, new_tokens_per_s=new / secs)
         test = fed.server_test if who == "llm" else fed.clients[0].test
         secs, res = _timed(lambda: evaluate(lm, test, gen, progress=False))
-        cases[f"{who}: greedy eval of {len(test)}"] = {"seconds": secs, "examples_per_s": len(test) / secs,
-                                                       "accuracy": res.accuracy}
+        new = sum(len(lm.tokenizer(o, add_special_tokens=False)["input_ids"]) + 1 for o in res.outputs)
+        _case(cases, f"{who}: greedy eval of {len(test)}, batch {gen.eval_batch_size}", secs, 2 * params * new, peak,
+              new_tokens_per_s=new / secs, accuracy=res.accuracy)
         pairs = [(example_prompt(ex), example_target(ex)) for ex in fed.public[:256]]
+        tokens = sum(len(e["input_ids"]) for e in encode_pairs(lm.tokenizer, pairs, cfg.train.max_length))
         secs, _ = _timed(lambda: sequence_logprobs(lm, [p for p, _ in pairs], [t for _, t in pairs], batch_size=64),
                          repeat=2)
-        cases[f"{who}: score {len(pairs)} paths"] = {"seconds": secs, "paths_per_s": len(pairs) / secs}
+        _case(cases, f"{who}: score {len(pairs)} paths, batch 64", secs, 2 * params * tokens, peak,
+              tokens_per_s=tokens / secs)
         steps = 20
-        secs, stats = _timed(lambda: train_steps(lm, pairs, steps, cfg.train, seed=0, progress=False))
-        cases[f"{who}: train {steps} steps @ batch {cfg.train.batch_size}"] = {
-            "seconds": secs, "steps_per_s": steps / secs, "tokens_per_s": stats["tokens"] / secs}
+        for precision in ("fp32", "bf16"):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+            start = {k: v.clone() for k, v in lm.model.state_dict().items()}
+            with ctx:
+                secs, stats = _timed(lambda: train_steps(lm, pairs, steps, cfg.train, seed=0, progress=False))
+            lm.model.load_state_dict(start)
+            _case(cases, f"{who}: train {steps} steps @ batch {cfg.train.batch_size}, {precision}", secs,
+                  6 * params * stats["tokens"], peak, tokens_per_s=stats["tokens"] / secs, loss=stats["loss"])
     d = cfg.server.hidden_size + 4
-    x = torch.randn(cfg.data.public_size * cfg.generation.paths_per_question, d, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(cfg.data.public_size * gen.paths_per_question, d, generator=torch.Generator().manual_seed(0))
     filt = LadaFilter(FilterConfig(seed=0))
     secs, idx = _timed(lambda: filt.select(x, len(x) // 2))
     cases[f"filter: cold-start select of {len(x)} contexts (k-means)"] = {"seconds": secs}
@@ -81,15 +125,168 @@ def bench(config: str, n_prompts: int = 64) -> dict:
     cases[f"filter: update on {len(idx)} rewards ({filt.cfg.epochs} epochs)"] = {"seconds": secs}
     secs, _ = _timed(lambda: filt.select(x, len(x) // 2))
     cases[f"filter: bandit select of {len(x)} contexts"] = {"seconds": secs}
-    return results
+    return cases
 
+
+# ----------------------------------------------------------------------------- one round, by kind of work
+
+CATEGORIES = ("sampling", "scoring", "training", "evaluation", "filter", "serialisation")
+
+
+def _instrument() -> None:
+    """Attribute the plug-in's and hosts' own model passes: contexts and top-k are
+    scoring, the filter's select/update hooks are filter time (lada.timing is exclusive,
+    so the scoring inside a hook counts as scoring)."""
+    from lada.timing import timed_fn
+
+    try:
+        import lada.plugin.lada as plugin
+    except ImportError:
+        plugin = None
+    if plugin is not None:
+        for name in ("receiver_features",):
+            if hasattr(plugin, name) and not hasattr(getattr(plugin, name), "__wrapped__"):
+                setattr(plugin, name, timed_fn("scoring")(getattr(plugin, name)))
+        cls = getattr(plugin, "LadaPlugin", None)
+        for name in ("select", "after_update"):
+            if cls is not None and hasattr(cls, name) and not hasattr(getattr(cls, name), "__wrapped__"):
+                setattr(cls, name, timed_fn("filter")(getattr(cls, name)))
+    import lada.hosts.fedmkt as fedmkt
+
+    if not hasattr(fedmkt.compute_topk, "__wrapped__"):
+        fedmkt.compute_topk = timed_fn("scoring")(fedmkt.compute_topk)
+
+
+def round_breakdown(config: str, method: str, work: Path) -> dict:
+    """Round 1 of ``method`` on ``config`` in one process (inline engine), by category."""
+    from lada import timing
+    from lada.config import load_config
+    from lada.experiments.grid import apply_method
+    from lada.experiments.runner import run
+
+    _instrument()
+    cfg = load_config(config, ["rounds=1", f'run_dir="{work / method.replace("+", "-")}"'])
+    apply_method(cfg, method)
+    timing.reset()
+    rows = run(cfg, engine="inline", overwrite=True)
+    totals = timing.totals()
+    llm0 = next(r for r in rows if r["round"] == 0 and r["participant"] == "llm")
+    llm1 = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    eval0 = llm0["eval_seconds"] + llm0.get("clients_eval_seconds", 0.0)
+    eval1 = llm1["eval_seconds"] + llm1.get("clients_eval_seconds", 0.0)
+    round_s = llm1["seconds"] + eval1
+    parts = {c: totals.get(c, 0.0) for c in CATEGORIES}
+    # round 0 (evaluation only) ran too: its evaluation is not part of round 1
+    parts["evaluation"] = max(0.0, parts["evaluation"] - eval0)
+    parts["engine and host overhead"] = max(0.0, round_s - sum(parts.values()))
+    return {"method": method, "round_seconds": round_s,
+            "phases": {k: llm1[k] for k in llm1 if k.startswith("phase_")},
+            "parts": {k: {"seconds": v, "pct": 100 * v / round_s} for k, v in parts.items()},
+            "accuracy": {r["participant"]: r["accuracy"] for r in rows if r["round"] == 1}}
+
+
+# ----------------------------------------------------------------------------- scaling
+
+def _scale_config(n: int, run_dir: Path):
+    from lada.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "scale-30.toml",
+                      [f"data.num_clients={n}", f'run_dir="{run_dir}"'])
+    cfg.clients = cfg.clients[:n]
+    cfg.validate("scale config")
+    return cfg
+
+
+class _RssSampler(threading.Thread):
+    """Peak resident memory (sum over this process's descendants: SuperLink, ServerApp,
+    Ray workers) per round, the round read from the metrics file's length."""
+
+    def __init__(self, metrics: Path) -> None:
+        super().__init__(daemon=True)
+        self.metrics = metrics
+        self.peak: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.wait(0.25):
+            rss = 0
+            for p in me.children(recursive=True):
+                try:
+                    rss += p.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            done = set()
+            if self.metrics.exists():
+                for line in self.metrics.read_text().splitlines():
+                    try:
+                        done.add(int(json.loads(line)["round"]))
+                    except (ValueError, KeyError):
+                        pass
+            rnd = max(done) + 1 if done else 0
+            self.peak[rnd] = max(self.peak.get(rnd, 0.0), rss / 2 ** 20)
+
+
+def scaling(work: Path, sizes=(3, 10, 30)) -> list[dict]:
+    from lada.experiments.report import read_metrics
+    from lada.experiments.runner import run
+
+    out = []
+    for n in sizes:
+        run_dir = work / f"scale-{n}"
+        cfg = _scale_config(n, run_dir)
+        from lada.experiments.runner import warm_up_all
+
+        warm_up_all(cfg)  # warm-ups are cached; not part of the rounds
+        sampler = _RssSampler(run_dir / "metrics.jsonl")
+        t0 = time.perf_counter()
+        sampler.start()
+        try:
+            run(cfg, engine="simulation", overwrite=True)
+        finally:
+            sampler.stop.set()
+            sampler.join()
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        llm = {r["round"]: r for r in rows if r["participant"] == "llm"}
+        per_round = [llm[r]["seconds"] + llm[r].get("eval_seconds", 0) + llm[r].get("clients_eval_seconds", 0)
+                     for r in sorted(llm) if r > 0]
+        out.append({"clients": n, "rounds": cfg.rounds, "wall_seconds": time.perf_counter() - t0,
+                    "seconds_per_round": per_round,
+                    "peak_rss_mb_per_round": [sampler.peak.get(r, 0.0) for r in range(1, cfg.rounds + 1)],
+                    "client_accuracy_last_round": sum(r["accuracy"] or 0 for r in rows
+                                                      if r["round"] == cfg.rounds and r["participant"] != "llm") / n})
+    return out
+
+
+# ----------------------------------------------------------------------------- report
 
 def to_markdown(results: dict) -> str:
+    lim = results["limits"]
     lines = [f"Threads: {results['torch_threads']} of {results['cpus']} CPUs; torch {results['torch']}; "
-             f"config `{results['config']}`.", "", "| case | seconds | throughput |", "|---|---|---|"]
+             f"config `{results['config']}`.", "",
+             f"Measured limits: fp32 matmul peak **{lim['fp32_matmul_gflops']:.0f} GFLOP/s**, bf16 matmul "
+             f"**{lim['bf16_matmul_gflops']:.0f} GFLOP/s**, memory copy {lim['memory_gb_per_s']:.1f} GB/s.", "",
+             "| case | seconds | GFLOP/s | % of fp32 peak | throughput |", "|---|---|---|---|---|"]
     for name, r in results["cases"].items():
-        extra = ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "seconds")
-        lines.append(f"| {name} | {r['seconds']:.2f} | {extra} |")
+        extra = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in ("seconds", "gflops", "pct_of_fp32_peak"))
+        g = f"{r['gflops']:.1f}" if "gflops" in r else "-"
+        pct = f"{r['pct_of_fp32_peak']:.0f}%" if "pct_of_fp32_peak" in r else "-"
+        lines.append(f"| {name} | {r['seconds']:.2f} | {g} | {pct} | {extra} |")
+    for bd in results.get("rounds", []):
+        lines += ["", f"One round of {bd['method']} on `{results['config']}` (inline engine, round 1): "
+                      f"**{bd['round_seconds']:.1f} s**.", "", "| work | seconds | % |", "|---|---|---|"]
+        for k, v in bd["parts"].items():
+            lines.append(f"| {k} | {v['seconds']:.1f} | {v['pct']:.0f}% |")
+    if results.get("scaling"):
+        lines += ["", "Scaling through the simulation runtime (tiny-test models, `configs/scale-30.toml` cut to N "
+                      "clients, clients beyond the three named domains on generated ones):", "",
+                  "| clients | seconds per round | peak RSS per round (MB, all processes) | wall (s) |",
+                  "|---|---|---|---|"]
+        for s in results["scaling"]:
+            lines.append(f"| {s['clients']} | {', '.join(f'{x:.1f}' for x in s['seconds_per_round'])} | "
+                         f"{', '.join(f'{x:.0f}' for x in s['peak_rss_mb_per_round'])} | {s['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,9 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lada.experiments.bench", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/default.toml")
     p.add_argument("--out", default="bench/results.json")
+    p.add_argument("--methods", default="cot+lada,fedmkt", help="methods of the per-round breakdown")
+    p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = bench(args.config)
+    import torch
+
+    from lada.config import load_config
+    from lada.threads import fit_threads
+
+    fit_threads()
+    cfg = load_config(args.config)
+    limits = {"fp32_matmul_gflops": matmul_peak(torch.float32), "bf16_matmul_gflops": matmul_peak(torch.bfloat16),
+              "memory_gb_per_s": memory_bandwidth()}
+    results: dict = {"config": args.config, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                     "python": platform.python_version(), "torch": torch.__version__, "limits": limits}
+    results["cases"] = bench_cases(cfg, limits["fp32_matmul_gflops"])
+    work = Path(tempfile.mkdtemp(prefix="lada-bench-"))
+    results["rounds"] = [round_breakdown(args.config, m, work) for m in args.methods.split(",") if m]
+    if not args.skip_scaling:
+        results["scaling"] = scaling(work)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
