@@ -72,7 +72,10 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout_s: float, s
 def test_signal_stops_every_process_and_removes_temporary_homes(engine, sig, code, tmp_path, short_tmp):
     tmp = short_tmp  # where the launcher makes its temporary Flower homes
     run_dir = tmp_path / "run"
-    env = dict(os.environ, TMPDIR=str(tmp))
+    # the machine-wide registry of active runs (lada.threads) is shared state, not a
+    # temporary home: keep it apart, and check below that the run left no entry in it
+    registry = tmp_path / "active-runs"
+    env = dict(os.environ, TMPDIR=str(tmp), LADA_RUN_REGISTRY=str(registry))
     proc = subprocess.Popen([LADA, "run", TINY, "--engine", engine, "--run-dir", str(run_dir), "--set", "rounds=3"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: set[int] = set()
@@ -92,6 +95,7 @@ def test_signal_stops_every_process_and_removes_temporary_homes(engine, sig, cod
     left = sorted(p for p in seen | _started_by(proc.pid, tmp) if _alive(p))
     assert not left, f"still running after {sig.name}: {left}\n{out}"
     assert not list(tmp.glob("lada-*")), f"temporary folders left: {list(tmp.iterdir())}"
+    assert not registry.is_dir() or not list(registry.iterdir()), f"run still registered: {list(registry.iterdir())}"
     state = json.loads((run_dir / "run.json").read_text())
     assert state["status"] == "interrupted" and not (run_dir / "DONE").exists()
     assert "--resume" in out
