@@ -188,13 +188,16 @@ def round_breakdown(config: str, method: str, work: Path) -> dict:
 # ----------------------------------------------------------------------------- scaling
 
 def _scale_config(n: int, run_dir: Path):
-    from lada.config import load_config
+    import tomllib
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "scale-30.toml",
-                      [f"data.num_clients={n}", f'run_dir="{run_dir}"'])
-    cfg.clients = cfg.clients[:n]
-    cfg.validate("scale config")
-    return cfg
+    from lada.config import config_from_dict
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "scale-30.toml"
+    data = tomllib.loads(path.read_text())
+    data["clients"] = data["clients"][:n]
+    data["data"]["num_clients"] = n
+    data["run_dir"] = str(run_dir)
+    return config_from_dict(data, f"{path} cut to {n} clients")
 
 
 class _RssSampler(threading.Thread):
@@ -309,17 +312,25 @@ def main(argv: list[str] | None = None) -> int:
               "memory_gb_per_s": memory_bandwidth()}
     results: dict = {"config": args.config, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                      "python": platform.python_version(), "torch": torch.__version__, "limits": limits}
-    results["cases"] = bench_cases(cfg, limits["fp32_matmul_gflops"])
-    work = Path(tempfile.mkdtemp(prefix="lada-bench-"))
-    results["rounds"] = [round_breakdown(args.config, m, work) for m in args.methods.split(",") if m]
-    if not args.skip_scaling:
-        results["scaling"] = scaling(work)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    md = to_markdown(results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+
+    def save() -> str:  # after every section, so a late failure keeps the earlier numbers
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        md = to_markdown(results)
+        out.with_suffix(".md").write_text(md)
+        return md
+
+    results["cases"] = bench_cases(cfg, limits["fp32_matmul_gflops"])
+    save()
+    work = Path(tempfile.mkdtemp(prefix="lada-bench-"))
+    results["rounds"] = []
+    for m in (m for m in args.methods.split(",") if m):
+        results["rounds"].append(round_breakdown(args.config, m, work))
+        save()
+    if not args.skip_scaling:
+        results["scaling"] = scaling(work)
+    print(save())
     return 0
 
 
