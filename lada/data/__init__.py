@@ -8,8 +8,6 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from lada.data.answers import StepCheck, check_steps, extract_answer, is_correct, verify_path
 from lada.data.loaders import (
     DataFormatError,
@@ -22,7 +20,7 @@ from lada.data.loaders import (
     load_strategyqa,
 )
 from lada.data.partition import ClientShard, FederatedData, PartitionError, partition_examples
-from lada.data.records import Example, example_prompt, example_target, format_prompt, format_target
+from lada.data.records import Example, capped_corpus, example_prompt, example_target, format_prompt, format_target
 
 if TYPE_CHECKING:
     from lada.config import DataConfig
@@ -100,15 +98,7 @@ def tokenizer_corpus(data_cfg: "DataConfig", seed: int, max_chars: int = 2_000_0
         from lada.data.synthetic import tokenizer_corpus as synthetic_corpus
 
         return synthetic_corpus(data_cfg, seed)
-    examples = _load(data_cfg)
-    out, total = [], 0
-    for i in np.random.default_rng(seed).permutation(len(examples)):
-        text = example_prompt(examples[i]) + example_target(examples[i])
-        if total + len(text) > max_chars:
-            break
-        out.append(text)
-        total += len(text)
-    return out
+    return capped_corpus(_load(data_cfg), seed, max_chars)
 
 
 def clear_cache() -> None:

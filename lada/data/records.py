@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
+
 AnswerType = Literal["number", "option", "yesno"]
 ANSWER_TYPES: tuple[str, ...] = ("number", "option", "yesno")
 
@@ -75,3 +77,16 @@ def example_prompt(ex: Example) -> str:
 
 def example_target(ex: Example) -> str:
     return format_target(ex.rationale, ex.answer)
+
+
+def capped_corpus(examples: list[Example], seed: int, max_chars: int) -> list[str]:
+    """Prompt + target of ``examples`` in a seeded random order, cut before the text that
+    would pass ``max_chars`` characters in total (a tokenizer-training corpus)."""
+    out, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(examples)):
+        text = example_prompt(examples[i]) + example_target(examples[i])
+        if total + len(text) > max_chars:
+            break
+        out.append(text)
+        total += len(text)
+    return out

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from lada.data.loaders import DataFormatError
-from lada.data.records import Example, example_prompt, example_target
+from lada.data.records import Example, capped_corpus
 
 if TYPE_CHECKING:
     from lada.config import DataConfig, RunConfig
@@ -194,15 +192,7 @@ def participant_corpus(data_cfg: "DataConfig", view: ParticipantData, seed: int)
         from lada.data.synthetic import tokenizer_corpus as synthetic_corpus
 
         return synthetic_corpus(data_cfg, seed)
-    out, total = [], 0
-    public = sorted(view.public, key=lambda ex: ex.id)
-    for i in np.random.default_rng(seed).permutation(len(public)):
-        text = example_prompt(public[i]) + example_target(public[i])
-        if total + len(text) > TOKENIZER_CORPUS_MAX_CHARS:
-            break
-        out.append(text)
-        total += len(text)
-    return out
+    return capped_corpus(sorted(view.public, key=lambda ex: ex.id), seed, TOKENIZER_CORPUS_MAX_CHARS)
 
 
 def clear_views() -> None:
