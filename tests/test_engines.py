@@ -322,9 +322,10 @@ SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
 
 
 @pytest.mark.e2e
-# The Deployment Engine on the cot host is covered by test_shutdown's killed-SuperNode run.
+# The Deployment Engine is covered by the TLS runs below and test_shutdown's runs; here
+# it would add minutes (a ClientApp process per message) for no code path of its own.
 @pytest.mark.parametrize("engine, host", [("inline", "standalone"), ("simulation", "cot"),
-                                          ("simulation", "fedmkt"), ("deployment", "fedcollm")])
+                                          ("simulation", "fedmkt"), ("simulation", "fedcollm")])
 def test_tiny_run(engine, host, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Deployment starts a process per message: one round keeps the test short.
@@ -375,8 +376,9 @@ def test_tiny_lada_run_through_simulation(tmp_path, monkeypatch):
 def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
     """`lada federation up --tls --auth` as on several machines: a CA and SuperLink
     certificate, a registered key per SuperNode, each node reading only its part of a
-    `lada data split`; tiny-test runs over it, and a SuperNode whose key was never
-    registered is refused."""
+    `lada data split` and keeping state in a node workspace; tiny-test runs over it
+    twice under the same name (both runs start from the same state), and a SuperNode
+    whose key was never registered is refused."""
     import subprocess
 
     from lada.data.split import write_split
@@ -384,16 +386,31 @@ def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
     from lada.engines.tls import make_node_keys
     from lada.experiments.runner import run
 
-    state = federation_up(3, tmp_path / "fed", tls=True, auth=True)
+    ws = tmp_path / "node-ws"
+    state = federation_up(3, tmp_path / "fed", tls=True, auth=True, workspace=ws)
     intruder = None
     try:
         assert state["tls"] and state["auth"] and Path(state["root_certificates"]).is_file()
-        cfg = tiny_config(tmp_path / "run", "rounds=1")
-        cfg.engine.root_certificates = state["root_certificates"]
-        cfg.data.split_dir = str(write_split(cfg.data, cfg.data.seed, tmp_path / "split"))
-        rows = run(cfg, engine="deployment", superlink=state["superlink"])
-        assert {r["participant"] for r in rows} == {"llm", "client-0", "client-1", "client-2"}
-        assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()
+        # Two runs with the same name on SuperNodes that keep state in a node workspace:
+        # each starts from the warm-up, never from the other's final models.
+        split_dir = str(write_split(tiny_config(tmp_path / "run0").data, 0, tmp_path / "split"))
+        results = []
+        for i in range(2):
+            cfg = tiny_config(tmp_path / f"run{i}", "rounds=1")  # name "tiny-test" both times
+            cfg.engine.root_certificates = state["root_certificates"]
+            cfg.data.split_dir = split_dir
+            rows = run(cfg, engine="deployment", superlink=state["superlink"])
+            assert {r["participant"] for r in rows} == {"llm", "client-0", "client-1", "client-2"}
+            assert "lada-run-status: ok" in (tmp_path / f"run{i}" / "run.log").read_text()
+            run_id = json.loads((tmp_path / f"run{i}" / "run.json").read_text())["run_id"]
+            results.append((run_id, {(r["round"], r["participant"]): r["accuracy"] for r in rows}))
+        (id_a, acc_a), (id_b, acc_b) = results
+        assert id_a != id_b and sorted(p.name for p in ws.iterdir()) == sorted([id_a, id_b])
+        assert acc_a == acc_b
+        for run_id in (id_a, id_b):
+            for k in range(3):
+                node_state = json.loads((ws / run_id / f"client-{k}" / "state.json").read_text())
+                assert node_state["model_version"] == 1  # one round each, not two
 
         # A SuperNode with a key the SuperLink does not know.
         key, _ = make_node_keys(tmp_path / "intruder", "intruder")
