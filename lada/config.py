@@ -140,6 +140,10 @@ class TrainConfig:
     max_length: int = 256  # tokens of prompt + target
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # Batches of similar lengths (lada.models.training.index_batches): far less padding, so
+    # faster steps; the batches' composition, hence the trajectory, differs from random
+    # batches. Warm-ups always use random batches (the shipped checkpoints' recipe).
+    length_buckets: bool = False
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "lr", "batch_size", "max_length")

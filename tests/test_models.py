@@ -303,3 +303,41 @@ def test_train_steps_extra_loss_and_schedule(cache):
 def test_evaluate_untrained_accuracy_in_range(models):
     res = evaluate(models["tiny-llama"], EXAMPLES[:4], GenerationConfig(max_new_tokens=8))
     assert 0.0 <= res.accuracy <= 1.0 and len(res.correct) == len(res.outputs) == 4
+
+
+def test_index_batches_random_matches_epoch_queue():
+    """Without lengths: the shuffled-epoch stream every host relied on (same draws)."""
+    from lada.models.training import index_batches
+
+    gen, queue, want = torch.Generator().manual_seed(5), [], []
+    for _ in range(7):
+        while len(queue) < 4:
+            queue += torch.randperm(10, generator=gen).tolist()
+        want.append(queue[:4])
+        queue = queue[4:]
+    it = index_batches(10, 4, 5)
+    assert [next(it) for _ in range(7)] == want
+
+
+def test_index_batches_length_buckets_cut_padding():
+    from lada.models.training import BUCKET_POOL_BATCHES, index_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 180, (300,), generator=g).tolist()
+    bs, pool = 8, 8 * BUCKET_POOL_BATCHES
+
+    def padding(it):
+        batches = [next(it) for _ in range(4 * BUCKET_POOL_BATCHES)]
+        return batches, sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    bucketed, pad_b = padding(index_batches(300, bs, 1, lengths))
+    _, pad_r = padding(index_batches(300, bs, 1))
+    assert all(len(b) == bs for b in bucketed)
+    assert pad_b < pad_r / 4
+    # every batch comes from one pool of BUCKET_POOL_BATCHES batches of the shuffled stream
+    for p in range(0, len(bucketed), BUCKET_POOL_BATCHES):
+        flat = [i for b in bucketed[p:p + BUCKET_POOL_BATCHES] for i in b]
+        assert len(flat) == pool
+    # deterministic by seed
+    again, _ = padding(index_batches(300, bs, 1, lengths))
+    assert again == bucketed

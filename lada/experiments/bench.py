@@ -134,23 +134,10 @@ CATEGORIES = ("sampling", "scoring", "training", "evaluation", "filter", "serial
 
 
 def _instrument() -> None:
-    """Attribute the plug-in's and hosts' own model passes: contexts and top-k are
-    scoring, the filter's select/update hooks are filter time (lada.timing is exclusive,
-    so the scoring inside a hook counts as scoring)."""
+    """Attribute FedMKT's top-k forwards to scoring. Everything else is timed where it
+    runs (lada.timing categories in the models package and the LaDa plug-in, whose
+    transfer lifecycle times its own work as "filter")."""
     from lada.timing import timed_fn
-
-    try:
-        import lada.plugin.lada as plugin
-    except ImportError:
-        plugin = None
-    if plugin is not None:
-        for name in ("receiver_features",):
-            if hasattr(plugin, name) and not hasattr(getattr(plugin, name), "__wrapped__"):
-                setattr(plugin, name, timed_fn("scoring")(getattr(plugin, name)))
-        cls = getattr(plugin, "LadaPlugin", None)
-        for name in ("select", "after_update"):
-            if cls is not None and hasattr(cls, name) and not hasattr(getattr(cls, name), "__wrapped__"):
-                setattr(cls, name, timed_fn("filter")(getattr(cls, name)))
     import lada.hosts.fedmkt as fedmkt
 
     if not hasattr(fedmkt.compute_topk, "__wrapped__"):

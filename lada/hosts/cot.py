@@ -49,6 +49,9 @@ class CoTHost(Host):
         if phase == DOWN.name:
             cands = sample_paths_verified(self.cfg, server.model(), server.public, seed=server.seed + rnd,
                                           check_steps_too=self.options.check_steps)
+            # The LLM does not train before distill_up, so these paths also say which
+            # questions it solves there (no second sampling of the same model).
+            self._solved = (rnd, {c.question_id for c in cands})
             server.log_metric("paths_correct", len(cands))
             server.log_metric("paths_sampled", len(server.public) * self.cfg.generation.paths_per_question)
             payload = paths_to_payload(cands)
@@ -70,10 +73,14 @@ class CoTHost(Host):
         solved: set[str] = set()
         if self.options.up_novel_only:
             qids = sorted({c.question_id for cands in received.values() for c in cands})
-            by_id = {ex.id: ex for ex in server.public}
-            own = sample_paths_verified(self.cfg, lm, [by_id[q] for q in qids], seed=server.seed * 3 + rnd,
-                                        check_steps_too=self.options.check_steps)
-            solved = {c.question_id for c in own}
+            cached = getattr(self, "_solved", None)
+            if cached is not None and cached[0] == rnd:
+                solved = cached[1] & set(qids)
+            else:  # distill ran in another process (not the case in lada's engines)
+                by_id = {ex.id: ex for ex in server.public}
+                own = sample_paths_verified(self.cfg, lm, [by_id[q] for q in qids], seed=server.seed * 3 + rnd,
+                                            check_steps_too=self.options.check_steps)
+                solved = {c.question_id for c in own}
         server.log_metric("up_received", sum(len(c) for c in received.values()))
         server.log_metric("up_llm_solved", len(solved))
         with contextlib.ExitStack() as stack:

@@ -42,7 +42,7 @@ from lada.data.records import Example, example_prompt, example_target
 from lada.hosts.common import path_pairs, private_pairs, transfer_steps
 from lada.hosts.options import FedMKTConfig
 from lada.hosts.token_alignment import Vocab, align_spans, build_token_mapping, map_topk, token_starts, vocab_of
-from lada.models.training import IGNORE, collate, encode_pairs, train_steps
+from lada.models.training import IGNORE, collate, encode_pairs, index_batches, train_steps
 from lada.protocol.host import Capabilities, Host, Phase, Transfer, mean_loss
 from lada.protocol.node import cache_dir
 from lada.protocol.payload import Payload
@@ -243,16 +243,13 @@ def distill(lm: "LoadedModel", samples: list[DistillSample], steps: int, train_c
     Returns the loss parts (mean of the last 10 steps) and the training stats."""
     if not samples or steps <= 0:
         return {"lm_loss": float("nan"), "kd_loss": float("nan"), "extra_loss": float("nan"), "steps": 0}
-    gen = torch.Generator().manual_seed(seed)
-    queue: list[int] = []
     parts: dict[str, list[float]] = {"lm": [], "kd": [], "extra": []}
     bs = min(train_cfg.batch_size, len(samples))
+    lengths = [len(s.enc.input_ids) for s in samples] if getattr(train_cfg, "length_buckets", False) else None
+    order = index_batches(len(samples), bs, seed, lengths)
 
     def loss(step: int):
-        nonlocal queue
-        while len(queue) < bs:
-            queue += torch.randperm(len(samples), generator=gen).tolist()
-        chosen, queue = [samples[i] for i in queue[:bs]], queue[bs:]
+        chosen = [samples[i] for i in next(order)]
         batch = collate([{"input_ids": s.enc.input_ids, "labels": s.enc.labels} for s in chosen],
                         lm.tokenizer.pad_token_id, lm.device)
         logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

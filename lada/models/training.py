@@ -121,16 +121,35 @@ def lr_factor(step: int, total: int, schedule: str = "cosine") -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batches(n: int, batch_size: int, seed: int):
+# Length buckets: a pool of this many batches is drawn from the shuffled stream, sorted
+# by length and cut into batches, which are then visited in random order.
+BUCKET_POOL_BATCHES = 16
+
+
+def index_batches(n: int, batch_size: int, seed: int, lengths: list[int] | None = None):
     """Endless index batches drawn from shuffled epochs (an epoch boundary may fall
-    inside a batch, so every batch is full)."""
+    inside a batch, so every batch is full).
+
+    With ``lengths``, batches are length-bucketed: the same shuffled stream is taken
+    ``BUCKET_POOL_BATCHES`` batches at a time, each pool sorted by length and cut into
+    batches of similar lengths, in a random order. Every example is still seen once per
+    epoch (up to the pool at an epoch boundary), but padding, which is about 40% of the
+    tokens of random batches on the default task, nearly disappears."""
     gen = torch.Generator().manual_seed(seed)
     buf: list[int] = []
+    if lengths is None:
+        while True:
+            while len(buf) < batch_size:
+                buf.extend(torch.randperm(n, generator=gen).tolist())
+            yield buf[:batch_size]
+            buf = buf[batch_size:]
+    pool = batch_size * BUCKET_POOL_BATCHES
     while True:
-        while len(buf) < batch_size:
+        while len(buf) < pool:
             buf.extend(torch.randperm(n, generator=gen).tolist())
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
+        chunk, buf = sorted(buf[:pool], key=lambda i: lengths[i]), buf[pool:]
+        for b in torch.randperm(BUCKET_POOL_BATCHES, generator=gen).tolist():
+            yield chunk[b * batch_size:(b + 1) * batch_size]
 
 
 @timed_fn("training")
@@ -162,7 +181,8 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     bs = batch_size or train_cfg.batch_size
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.95))
     encoded = encode_pairs(tok, pairs, train_cfg.max_length)
-    batches = _batches(len(encoded), bs, seed) if encoded else None
+    lengths = [len(e["input_ids"]) for e in encoded] if getattr(train_cfg, "length_buckets", False) else None
+    batches = index_batches(len(encoded), bs, seed, lengths) if encoded else None
     losses: list[float] = []
     tokens = target_tokens = skipped = 0
     show = sys.stderr.isatty() if progress is None else progress

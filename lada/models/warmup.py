@@ -146,7 +146,8 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
     from lada.models.training import train_steps
 
     cfg = dataclasses.replace(model_cfg, lora_r=0, dtype="float32", checkpoint="")
-    tcfg = train_cfg or TrainConfig()
+    # random batches, whatever the run uses: the fingerprint does not cover the batching
+    tcfg = dataclasses.replace(train_cfg or TrainConfig(), length_buckets=False)
     start = time.perf_counter()
     lm = build_model(cfg, corpus, seed, cache_dir)
     stage_meta = []

@@ -36,13 +36,14 @@ from lada.data.records import example_prompt
 from lada.data.answers import verify_path
 from lada.models.generation import sample_paths
 from lada.models.scoring import sequence_logprobs
-from lada.models.training import IGNORE, collate, encode_pairs
+from lada.models.training import IGNORE, collate, encode_pairs, index_batches
 from lada.plugin.filter import DataFilter, make_filter
 from lada.plugin.losses import contrastive_loss
 from lada.plugin.options import REWARDS, FilterConfig, LadaConfig
 from lada.protocol.host import DIRECTIONS, PLUGIN_PREFIX, LossFn, Plugin, PluginNode, Transfer
 from lada.protocol.paths import Candidate, paths_from_payload, paths_to_payload, sample_paths_verified
 from lada.protocol.payload import Payload
+from lada.timing import timed, timed_fn
 
 # The scalar features appended to the receiver's mean-pooled hidden state, in order.
 # FilterConfig.nll_column = -4 points at the first one.
@@ -70,6 +71,7 @@ def learning_reward(nll_before: Tensor, nll_after: Tensor, kind: str = "gain") -
 
 # ----------------------------------------------------------------------------- contexts
 
+@timed_fn("scoring")
 @torch.no_grad()
 def receiver_features(lm, prompts: list[str], texts: list[str], batch_size: int = 16, max_length: int = 256,
                       hidden: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -188,34 +190,38 @@ class LadaPlugin(Plugin):
     def transfer(self, direction: str, rnd: int, pair: int, node: PluginNode, lm: Any,
                  candidates: list[Candidate]) -> Iterator[Transfer]:
         _check_direction(direction)
-        t0 = time.perf_counter()
-        prefix = self._prefix(direction, pair)
-        cands = [c for c in candidates if c.verified]
-        node.log_metric(prefix + "candidates", len(cands))
-        filt = self._load_filter(node, direction, pair)
-        idx: list[int] = []
-        if cands:
-            hidden, nll, _ntok = self._features(lm, cands, hidden=filt.kind == "lada")
-            ctx = build_contexts(hidden, nll, cands, _ntok)
-            g = torch.Generator().manual_seed(filt.cfg.seed * 1009 + rnd)
-            idx = filt.select(ctx, filt.cfg.budget_for(len(cands)), g)
-            predicted = filt.decision_predictions()  # EE-Net: f1 at decision time, kept for f2's target
-            self._log_selection(node, prefix, filt, cands, idx, ctx, nll)
-        chosen = [cands[i] for i in idx]
-        loss = self._contrastive(direction, rnd, pair, node, lm, chosen)
-        node.add_metric(prefix + "filter_seconds", time.perf_counter() - t0)
-        t = Transfer(direction, pair, chosen, loss, len(cands))
+        # lada.timing: the filter's own work (contexts aside, which are scoring; the
+        # receiver's own paths, which are sampling) is the "filter" category.
+        with timed("filter"):
+            t0 = time.perf_counter()
+            prefix = self._prefix(direction, pair)
+            cands = [c for c in candidates if c.verified]
+            node.log_metric(prefix + "candidates", len(cands))
+            filt = self._load_filter(node, direction, pair)
+            idx: list[int] = []
+            if cands:
+                hidden, nll, _ntok = self._features(lm, cands, hidden=filt.kind == "lada")
+                ctx = build_contexts(hidden, nll, cands, _ntok)
+                g = torch.Generator().manual_seed(filt.cfg.seed * 1009 + rnd)
+                idx = filt.select(ctx, filt.cfg.budget_for(len(cands)), g)
+                predicted = filt.decision_predictions()  # EE-Net: f1 at decision time, kept for f2's target
+                self._log_selection(node, prefix, filt, cands, idx, ctx, nll)
+            chosen = [cands[i] for i in idx]
+            loss = self._contrastive(direction, rnd, pair, node, lm, chosen)
+            node.add_metric(prefix + "filter_seconds", time.perf_counter() - t0)
+            t = Transfer(direction, pair, chosen, loss, len(cands))
         yield t  # the host trains here; an exception leaves the filter as it was
-        t1 = time.perf_counter()
-        if chosen:
-            _, nll_after, _ = receiver_features(lm, [c.prompt for c in chosen], [c.text for c in chosen],
-                                                self.opts.score_batch_size, self._max_length(), hidden=False)
-            rewards = learning_reward(nll[idx], nll_after, self.opts.reward)
-            filt.update(ctx[idx], rewards, predicted)
-            node.log_metric(prefix + "reward", float(rewards.mean()))
-            node.log_metric(prefix + "nll_after", float(nll_after.mean()))
-        self._save_filter(node, direction, pair, filt)
-        node.add_metric(prefix + "filter_seconds", time.perf_counter() - t1)
+        with timed("filter"):
+            t1 = time.perf_counter()
+            if chosen:
+                _, nll_after, _ = receiver_features(lm, [c.prompt for c in chosen], [c.text for c in chosen],
+                                                    self.opts.score_batch_size, self._max_length(), hidden=False)
+                rewards = learning_reward(nll[idx], nll_after, self.opts.reward)
+                filt.update(ctx[idx], rewards, predicted)
+                node.log_metric(prefix + "reward", float(rewards.mean()))
+                node.log_metric(prefix + "nll_after", float(nll_after.mean()))
+            self._save_filter(node, direction, pair, filt)
+            node.add_metric(prefix + "filter_seconds", time.perf_counter() - t1)
 
     def _log_selection(self, node: PluginNode, prefix: str, filt: DataFilter, cands: list[Candidate],
                        idx: list[int], ctx: Tensor, nll: Tensor) -> None:
@@ -255,15 +261,15 @@ class LadaPlugin(Plugin):
         ref_neg, n_neg = sequence_logprobs(lm, prompts, neg, batch_size=bs, max_length=maxlen)
         node.log_metric(prefix + "ref_margin_per_token",
                         float((ref_pos / n_pos.clamp_min(1) - ref_neg / n_neg.clamp_min(1)).mean()))
-        gen = torch.Generator().manual_seed(int(node.seed) * 7 + rnd * 131 + pair)
         opts = self.opts
-        queue: list[int] = []
+        # y+ and y- of a pair share a forward batch, so a pair's length is its longer path's
+        lengths = ([int(max(a, b)) for a, b in zip(n_pos.tolist(), n_neg.tolist())]
+                   if self.cfg.train.length_buckets else None)
+        order = index_batches(len(triples), min(opts.pair_batch, len(triples)),
+                              int(node.seed) * 7 + rnd * 131 + pair, lengths)
 
         def loss(step: int) -> Tensor:
-            nonlocal queue
-            while len(queue) < min(opts.pair_batch, len(triples)):
-                queue += torch.randperm(len(triples), generator=gen).tolist()
-            idx, queue = queue[:opts.pair_batch], queue[opts.pair_batch:]
+            idx = next(order)
             b = len(idx)
             with _eval_mode(lm.model):  # same mode as the reference (no dropout), gradients kept
                 lp, _ = sequence_logprobs(lm, [prompts[i] for i in idx] * 2,
