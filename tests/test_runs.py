@@ -38,6 +38,12 @@ def without_timing(rows: list[dict]) -> str:
 @pytest.mark.parametrize("host", sorted(HOSTS))
 def test_lada_run_selects_and_moves_bytes_the_way_the_host_should(host, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lada.hosts.cot as cot
+
+    sampled: list[int] = []  # questions per sampling call of the CoT host
+    real = cot.sample_paths_verified
+    monkeypatch.setattr(cot, "sample_paths_verified",
+                        lambda cfg, lm, exs, **kw: sampled.append(len(exs)) or real(cfg, lm, exs, **kw))
     rows = tiny_run(tmp_path / "run", "inline", "rounds=1", *HOSTS[host], *LADA)
     r1 = [r for r in rows if r["round"] == 1]
     clients = [r for r in r1 if r["participant"] != "llm"]
@@ -50,6 +56,8 @@ def test_lada_run_selects_and_moves_bytes_the_way_the_host_should(host, tmp_path
         assert all("lada_down_candidates" in r for r in clients) and "lada_up0_candidates" in llm
         selected = [v for r in r1 for k, v in r.items() if k.startswith("lada_") and k.endswith("_selected")]
         assert sum(selected) > 0  # a filter kept something (seed 0 finds a few verified paths)
+        # the LLM samples once (distill); what it solves upward comes from those paths
+        assert len(sampled) == 1 + len(clients) and "up_llm_solved" in llm
     elif host == "fedmkt":
         # LaDa's paths ride beside the logits both ways
         assert all(r["lada_bytes_up"] > 0 and r["lada_bytes_down"] > 0 for r in clients)
