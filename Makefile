@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The default federation, 2 rounds, with length-bucketed training batches: under 2 minutes
+# on an idle 2-core CPU (the config's 3 rounds with random batches take about 3).
 demo: $(STAMP)
-	$(BIN)/lada run configs/default.toml --run-dir runs/demo --overwrite
+	$(BIN)/lada run configs/default.toml --set rounds=2 --set train.length_buckets=true --run-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/pytest -q
