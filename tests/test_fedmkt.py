@@ -69,7 +69,9 @@ def test_topk_payload_round_trip_is_compact_and_checked():
 
 
 @pytest.mark.parametrize("field,value,msg", [("alpha", 1.5, "alpha"), ("selection", "best", "selection"),
-                                             ("top_k", 0, "top_k"), ("metric", "x", "metric")])
+                                             ("top_k", 0, "top_k"), ("metric", "x", "metric"),
+                                             ("lora_r", -1, "lora_r"), ("llm_lora_r", -2, "llm_lora_r"),
+                                             ("epochs", -0.5, "epochs")])
 def test_config_is_validated(field, value, msg):
     cfg = FedMKTConfig(**{field: value})
     with pytest.raises(ConfigError, match=msg):
@@ -134,6 +136,29 @@ def test_fedmkt_round_on_tiny_heterogeneous_models(tmp_path, model_cache, monkey
     nodes = cfg.resolved_run_dir() / "nodes"
     assert (nodes / "server" / "token_maps" / "client0_to_llm.npy").is_file()
     assert (nodes / "client-1" / "token_maps" / "llm_to_client.npy").is_file()
+
+
+def test_fedmkt_lora_and_epochs_per_phase(tmp_path, model_cache, monkeypatch):
+    """host.lora_r / llm_lora_r: every participant trains LoRA adapters on its frozen
+    warm-up; host.epochs: passes over the distillation mix, instead of train.transfer_epochs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lada.protocol.node import ClientNode, ServerNode
+
+    cfg, _, rows = run_tiny("fedmkt", tmp_path, model_cache,
+                            extra=("host.lora_r=2", "host.llm_lora_r=2", "host.epochs=2.0"))
+    llm = next(r for r in rows if r["round"] == 1 and r["participant"] == "llm")
+    assert llm["distill_steps"] == math.ceil(2.0 * 6 / 4)  # 2 passes over 6 public examples, batch 4
+    nodes = cfg.resolved_run_dir() / "nodes"
+    for node in (ServerNode(cfg, nodes / "server"), ClientNode(cfg, 1, nodes / "client-1")):
+        lm = node.model()
+        assert lm.is_lora and lm.model.peft_config["default"].r == 2
+        from lada.models.loading import load_model
+
+        init = load_model(node.model_cfg, node.initial_checkpoint()).model.state_dict()
+        base = {k.replace(".base_layer.", "."): v for k, v in lm.model.get_base_model().state_dict().items()
+                if "lora_" not in k}
+        assert all(torch.equal(base[k], t) for k, t in init.items())
+        assert any(float(v.abs().sum()) > 0 for k, v in lm.model.state_dict().items() if "lora_B" in k)
 
 
 class ConstantLoss(Plugin):

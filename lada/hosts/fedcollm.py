@@ -43,7 +43,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from lada.config import ConfigError
-from lada.hosts.common import path_pairs, private_pairs, transfer_steps
+from lada.hosts.common import lora_model, path_pairs, private_pairs, transfer_steps
 from lada.hosts.fedmkt import DistillSample, compute_topk, distill, encode_examples, encode_paths, own_targets, \
     transfer_targets
 from lada.hosts.options import FedCoLLMConfig
@@ -129,16 +129,6 @@ def load_adapter(lm: "LoadedModel", payload: Payload) -> None:
     set_peft_model_state_dict(lm.model, sd)
 
 
-def lora_model(node: "Node", r: int) -> "LoadedModel":
-    """The node's SLM with LoRA adapters: of the config's rank if it sets one, else
-    fresh adapters of rank ``r`` on the node's current model."""
-    lm = node.model()
-    if lm.is_lora:
-        return lm
-    path = node.model_dir if node.model_dir.exists() else node.initial_checkpoint()
-    return load_model(dataclasses.replace(node.model_cfg, lora_r=r), path, seed=node.seed)
-
-
 def base_arrays(lm: "LoadedModel") -> dict[str, np.ndarray]:
     """Base weights (no adapter) of a LoRA model, keyed ``base/<name>`` as the plain
     model names them."""
@@ -207,7 +197,7 @@ class FedCoLLMHost(Host):
         states = [{k: v for k, v in replies[c].items() if k.startswith(ADAPTER_PREFIX)} for c in ks]
         avg = weighted_average(states, [float(replies[c]["n_examples"]) for c in ks])
         load_adapter(slm, avg)
-        llm = server.model()
+        llm = lora_model(server, self.options.llm_lora_r)
         # LaDa-style plug-ins: the LLM's paths for the shared SLM, each client's paths for the LLM
         down = self.plugin.paths_received("down", self.plugin.paths_to_send("down", rnd, server), server)
         up = {k: self.plugin.paths_received("up", replies[k], server) for k in ks}
@@ -246,7 +236,7 @@ class FedCoLLMHost(Host):
                              for pair, cands in sorted(candidates[direction].items())]
                 paths = encode_paths(student, [p for t in transfers for p in path_pairs(t.items)], max_len)
                 mix = samples + paths
-                stats = distill(student, mix, transfer_steps(self.cfg, len(mix)), self.cfg.train,
+                stats = distill(student, mix, transfer_steps(self.cfg, len(mix), o.epochs), self.cfg.train,
                                 server.seed + 31 * rnd + (direction == "up"), 1.0, o.distill_lambda,
                                 mean_loss(transfers), desc=f"fedcollm {'LLM->SLM' if direction == 'down' else 'SLM->LLM'}")
             who = "slm" if direction == "down" else "llm"

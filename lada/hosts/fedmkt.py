@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lada.data.records import Example, example_prompt, example_target
-from lada.hosts.common import path_pairs, private_pairs, transfer_steps
+from lada.hosts.common import lora_model, path_pairs, private_pairs, transfer_steps
 from lada.hosts.options import FedMKTConfig
 from lada.hosts.token_alignment import Vocab, align_spans, build_token_mapping, map_topk, token_starts, vocab_of
 from lada.models.training import IGNORE, collate, encode_pairs, index_batches, train_steps
@@ -364,7 +364,7 @@ class FedMKTHost(Host):
                 for p in pairs]
             paths = encode_paths(lm, [pp for t in transfers for pp in path_pairs(t.items)], self.cfg.train.max_length)
             mix = samples + paths
-            stats = distill(lm, mix, transfer_steps(self.cfg, len(mix)), self.cfg.train, seed, o.alpha,
+            stats = distill(lm, mix, transfer_steps(self.cfg, len(mix), o.epochs), self.cfg.train, seed, o.alpha,
                             1.0 - o.alpha, mean_loss(transfers), desc=f"{node.participant} fedmkt {direction}")
         metrics = {"kd_loss": stats["kd_loss"], "lm_loss": stats["lm_loss"], "distill_samples": len(samples),
                    "distill_paths": len(paths), "distill_steps": stats["steps"],
@@ -396,7 +396,7 @@ class FedMKTHost(Host):
             for k, reply in replies.items():
                 save_mapping(server, f"client{k}_to_llm", Vocab.from_payload(reply), own)
         elif phase == "client_logits":
-            lm = server.model()
+            lm = lora_model(server, self.options.llm_lora_r)
             vocab = vocab_of(lm.tokenizer)
             senders = {k: (TopK.from_payload(r, f"client-{k} top-k"), load_mapping(server, f"client{k}_to_llm"))
                        for k, r in replies.items()}
@@ -407,7 +407,7 @@ class FedMKTHost(Host):
 
     # ---- client side
     def client_handle(self, phase, rnd, payload, client):
-        lm = client.model()
+        lm = lora_model(client, self.options.lora_r)
         vocab = vocab_of(lm.tokenizer)
         if phase == "vocab":
             save_mapping(client, "llm_to_client", Vocab.from_payload(payload), vocab)

@@ -34,9 +34,15 @@ class FedMKTConfig:
     selection: str = "greater"  # greater: lowest-CE distribution per example; other: always the other side's
     metric: str = "token"  # CE for selection: token = mean per token (as the reference code); sequence = total NLL
     local_train: bool = True  # clients fine-tune on private data before the transfer
+    # Training form (docs/hosts.md, "Training form"). The paper and FATE-LLM's reference
+    # tune LoRA adapters (rank 8) on the LLM and the SLMs and run one epoch per phase.
+    lora_r: int = 0  # SLMs: LoRA adapters of this rank when a client's model config has lora_r = 0 (0: all weights)
+    llm_lora_r: int = 0  # the LLM: the same (0: all weights)
+    epochs: float = 0.0  # passes over the distillation mix per transfer (0: train.transfer_epochs)
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "top_k", "temperature")
+        check_non_negative(self, where, "lora_r", "llm_lora_r", "epochs")
         check_range(self, where, "alpha", 0.0, 1.0)
         check_choice(self, where, "selection", SELECTIONS)
         check_choice(self, where, "metric", METRICS)
@@ -49,8 +55,11 @@ class FedCoLLMConfig:
     distill_lambda: float = 1.0  # loss = LM + distill_lambda * KD, in both directions
     temperature: float = 1.0  # applied to the teacher's top-k log-probs
     adapter_dtype: str = "float32"  # dtype of adapters on the wire
+    llm_lora_r: int = 0  # the LLM: LoRA adapters of this rank when its model config has lora_r = 0 (0: all weights)
+    epochs: float = 0.0  # passes over the public mix per server distillation (0: train.transfer_epochs)
 
     def validate(self, where: str) -> None:
         check_positive(self, where, "lora_r", "top_k", "temperature")
+        check_non_negative(self, where, "llm_lora_r", "epochs")
         check_non_negative(self, where, "distill_lambda")
         check_choice(self, where, "adapter_dtype", ADAPTER_DTYPES)
