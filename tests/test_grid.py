@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
     ("fedmkt+lada", "fedmkt", {"name": "lada"}),
     ("cot+lada-no-filter", "cot", {"name": "lada", "filter": {"kind": "none"}}),
     ("fedmkt+lada-relative-reward", "fedmkt", {"name": "lada", "reward": "relative"}),
+    ("cot+lada-paper-reward", "cot", {"name": "lada", "reward": "paper"}),
+    ("cot+lada-receiver-reward", "cot", {"name": "lada", "reward": "receiver"}),
+    ("fedmkt+lada-receiver-share-reward", "fedmkt", {"name": "lada", "reward": "receiver",
+                                                     "reward_attribution": "share"}),
     ("fedmkt+lada-loss-filter-no-contrastive", "fedmkt", {"name": "lada", "filter": {"kind": "loss"},
                                                           "distill": "sft"}),
 ])
@@ -55,6 +59,11 @@ def test_all_comes_from_the_registry_and_the_capabilities():
     assert all_methods("cot") == everything
     assert parse_methods("all", "cot") == everything
     assert parse_methods("cot, fedmkt+lada") == ["cot", "fedmkt+lada"]
+    # the reward-selection grid (docs/lada.md, "Reward"): every name parses and validates
+    rewards = "cot+lada,cot+lada-paper-reward,cot+lada-receiver-reward,cot+lada-receiver-share-reward"
+    assert parse_methods(rewards, "cot") == rewards.split(",")
+    for m in rewards.split(","):
+        method_config(ROOT / "configs/default.toml", m, 0, Path("out"), [])
     assert parse_methods("all,cot,fedmkt+lada-relative-reward", "cot") == [*everything, "fedmkt+lada-relative-reward"]
     assert all_methods("fedmkt")[-1] == "fedmkt+lada-no-contrastive"
     assert not any(m.startswith("standalone+") for m in all_methods("standalone"))

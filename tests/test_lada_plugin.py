@@ -5,6 +5,9 @@ host's exchange, config."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -21,8 +24,9 @@ from lada.models.loading import build_model  # noqa: E402
 from lada.models.scoring import mean_nll  # noqa: E402
 from lada.models.training import train_steps  # noqa: E402
 from lada.plugin.filter import FilterConfig  # noqa: E402
-from lada.plugin.lada import (LadaConfig, LadaPlugin, _domain_shares, _pick_negative, build_contexts,  # noqa: E402
-                              learning_reward, receiver_features)
+from lada.plugin.lada import (LadaConfig, LadaPlugin, _domain_shares, _pick_negative, attribute_gain,  # noqa: E402
+                              build_contexts, head_gradient_alignment, learning_reward, paper_reward,
+                              receiver_features, validation_likelihood)
 from lada.protocol.host import PLUGIN_PREFIX, Capabilities, Plugin, PluginNode  # noqa: E402
 from lada.protocol.paths import Candidate  # noqa: E402
 from lada.registry import build_options  # noqa: E402
@@ -43,10 +47,11 @@ class FakeNode:
     """A participant as the plug-in sees it (``PluginNode``), plus a model for the
     paths it sends."""
 
-    def __init__(self, workspace: Path, lm=None, seed: int = 0) -> None:
+    def __init__(self, workspace: Path, lm=None, seed: int = 0, held_out=()) -> None:
         self.workspace = workspace
         self.seed = seed
         self.public = EXAMPLES
+        self.held_out = list(held_out)  # reward = "receiver": the receiver's validation slice
         self.metrics: dict[str, float] = {}
         self.lm = lm
 
@@ -215,6 +220,122 @@ def test_rewards_gain_and_share_of_headroom():
         learning_reward(nb, na, "best")
 
 
+def test_paper_reward_compares_set_sums_across_rounds_and_shares_the_difference():
+    nb, na = -torch.log(torch.tensor([0.2, 0.4])), -torch.log(torch.tensor([0.5, 0.7]))
+    r, s = paper_reward(nb, na, None)  # round 1: the same set before training
+    assert s == pytest.approx(1.2) and torch.allclose(r, torch.full((2,), (1.2 - 0.6) / 2))
+    r2, s2 = paper_reward(-torch.log(torch.tensor([0.1, 0.2, 0.3])), -torch.log(torch.tensor([0.2, 0.2, 0.2])), s)
+    assert s2 == pytest.approx(0.6) and torch.allclose(r2, torch.full((3,), (0.6 - 1.2) / 3))  # smaller than last round
+    assert paper_reward(torch.zeros(0), torch.zeros(0), 1.0)[0].numel() == 0
+
+
+def test_attribution_of_a_set_gain_sums_to_it():
+    share = attribute_gain(0.3, 3)
+    assert torch.allclose(share, torch.full((3,), 0.1))
+    cos = torch.tensor([0.9, 0.1, -0.4])
+    up = attribute_gain(0.3, 3, cos)
+    assert up.sum().item() == pytest.approx(0.3) and up.argmax() == 0 and up.argmin() == 2
+    down = attribute_gain(-0.3, 3, cos)  # a loss: the best-aligned sample is blamed least
+    assert down.sum().item() == pytest.approx(-0.3) and down.argmax() == 0
+    assert torch.isfinite(attribute_gain(0.0, 2, torch.tensor([1.0, -1.0]))).all()
+    with pytest.raises(ValueError, match="alignments"):
+        attribute_gain(0.1, 2, torch.ones(3))
+
+
+def test_head_gradient_alignment_is_the_cosine_of_the_lm_head_gradients(lm):
+    """The closed form (no backward pass) against autograd on the output projection."""
+    sel, val = cands_for(EXAMPLES[:3]), EXAMPLES[6:9]
+    vp, vt = [example_prompt(e) for e in val], [example_target(e) for e in val]
+    cos = head_gradient_alignment(lm, [c.prompt for c in sel], [c.text for c in sel], vp, vt, batch_size=2,
+                                  max_length=96)
+    assert cos.shape == (3,) and torch.isfinite(cos).all() and (cos.abs() <= 1 + 1e-5).all()
+    head = lm.model.get_output_embeddings()
+
+    def head_grad(prompts, texts):
+        """Mean over examples of d(mean token NLL)/d(head weight), by autograd."""
+        from lada.models.training import IGNORE, collate, encode_pairs
+        grads = []
+        for p, t in zip(prompts, texts):
+            batch = collate(encode_pairs(lm.tokenizer, [(p, t)], 96), lm.tokenizer.pad_token_id)
+            seen = []
+            hook = head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach()))
+            with torch.no_grad():
+                lm.model.eval()
+                lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hook.remove()
+            w = head.weight.detach().clone().requires_grad_(True)
+            labels = batch["labels"][0, 1:]
+            keep = labels != IGNORE
+            logits = seen[0][0, :-1][keep] @ w.T
+            torch.nn.functional.cross_entropy(logits, labels[keep]).backward()
+            grads.append(w.grad)
+        return torch.stack(grads).mean(0)
+
+    g_val = head_grad(vp, vt)
+    for i, c in enumerate(sel):
+        g = head_grad([c.prompt], [c.text])
+        expected = float((g * g_val).sum() / (g.norm() * g_val.norm()))
+        assert cos[i].item() == pytest.approx(expected, abs=1e-4)
+
+
+def _val_copies(examples, prefix="v"):
+    """The same problems under other ids: training on one improves the other."""
+    return [dataclasses.replace(ex, id=prefix + ex.id) for ex in examples]
+
+
+@pytest.mark.parametrize("attribution", ["gradient", "share"])
+def test_receiver_reward_is_the_validation_gain_attributed_over_the_selection(lm, tmp_path, attribution):
+    plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(kind="none"), distill="sft", reward="receiver",
+                                              reward_attribution=attribution))
+    val = _val_copies(EXAMPLES[:6]) + [EXAMPLES[11]]
+    node = FakeNode(tmp_path, held_out=val)
+    own = copy.deepcopy(lm)  # the module's model stays untrained for the other tests
+    with plugin.transfer("down", 1, 0, node, own, cands_for(EXAMPLES)) as t:
+        assert node.metrics["lada_down_val_excluded"] == 1  # a held-out question is never a candidate
+        assert len(t.items) == 11 and EXAMPLES[11].id not in {c.question_id for c in t.items}
+        train_steps(own, [(c.prompt, c.text) for c in t.items], 6, run_cfg().train, seed=1, progress=False)
+    m = node.metrics
+    gain = m["lada_down_val_after"] - m["lada_down_val_before"]
+    assert m["lada_down_val_before"] == pytest.approx(validation_likelihood(lm, val, max_length=96), abs=1e-5)
+    assert gain > 0  # it trained on the validation problems' twins
+    assert m["lada_down_reward"] == pytest.approx(gain / 11, abs=1e-6)  # the rewards sum to the gain
+    assert ("lada_down_val_alignment" in m) == (attribution == "gradient")
+    # a transfer that hurts the validation likelihood is rewarded negatively
+    junk = [Candidate(f"j{i}", example_prompt(EXAMPLES[i]), "zq zq zq #### 7", -1.0, 4, 0, True) for i in range(4)]
+    with plugin.transfer("down", 2, 0, node, own, junk) as t:
+        train_steps(own, [(c.prompt, c.text) for c in t.items], 8, run_cfg().train, seed=2, lr=1e-2,
+                    progress=False)
+    assert node.metrics["lada_down_val_after"] < node.metrics["lada_down_val_before"]
+    assert node.metrics["lada_down_reward"] < 0
+
+
+def test_receiver_reward_needs_held_out_examples(lm, tmp_path):
+    plugin = LadaPlugin(run_cfg(), LadaConfig(distill="sft", reward="receiver"))
+    with pytest.raises(ValueError, match="held-out"):
+        with plugin.transfer("down", 1, 0, FakeNode(tmp_path), lm, cands_for(EXAMPLES[:2])):
+            pass
+
+
+def test_paper_reward_keeps_the_set_sum_between_rounds(lm, tmp_path):
+    plugin = LadaPlugin(run_cfg(), LadaConfig(filter=FilterConfig(kind="random", budget_fraction=0.5),
+                                              distill="sft", reward="paper"))
+    own = copy.deepcopy(lm)
+    node = FakeNode(tmp_path)
+    sums = []
+    for rnd in (1, 2):
+        with plugin.transfer("down", rnd, 0, node, own, cands_for(EXAMPLES)) as t:
+            items = t.items
+            before = mean_nll(own, [c.prompt for c in items], [c.text for c in items])
+            train_steps(own, [(c.prompt, c.text) for c in items], 3, run_cfg().train, seed=rnd, progress=False)
+        after = mean_nll(own, [c.prompt for c in items], [c.text for c in items])
+        s = float(torch.exp(-after).sum())
+        prev = float(torch.exp(-before).sum()) if rnd == 1 else sums[-1]
+        assert node.metrics["lada_down_set_sum"] == pytest.approx(s, abs=1e-4)
+        assert node.metrics["lada_down_reward"] == pytest.approx((s - prev) / len(items), abs=1e-4)
+        assert json.loads((tmp_path / "reward-down-0.json").read_text())["set_sum"] == pytest.approx(s, abs=1e-4)
+        sums.append(s)
+
+
 def test_domain_shares_of_a_selection():
     one = {ex.id: ex.domain for ex in EXAMPLES}
     assert _domain_shares(one, cands_for(EXAMPLES[:3])) == {}  # one domain: nothing to tell
@@ -248,6 +369,12 @@ def test_config_table_and_validation():
     with pytest.raises(ConfigError, match=r"\[plugin\]\.reward: must be one of"):
         options_for({"name": "lada", "reward": "loss"})
     assert options_for({"name": "lada", "reward": "relative"}).reward == "relative"
+    for field_, bad in (("reward", "loss"), ("reward_attribution", "influence"), ("reward_val_size", 0)):
+        with pytest.raises(ConfigError, match=rf"\[plugin\]\.{field_}: must be"):
+            options_for({"name": "lada", "reward": "receiver", field_: bad} if field_ != "reward"
+                        else {"name": "lada", "reward": bad})
+    receiver = options_for({"name": "lada", "reward": "receiver", "reward_val_size": 7})
+    assert receiver.holdout_size() == 7 and options_for({"name": "lada", "reward": "paper"}).holdout_size() == 0
     with pytest.raises(ValueError, match="direction"):
         with LadaPlugin(run_cfg(), LadaConfig()).transfer("sideways", 1, 0, None, None, []):
             pass

@@ -26,7 +26,8 @@ from lada.data.split import participant_corpus, participant_data, read_view, vie
 from lada.engines import launch
 from lada.engines.records import payload_to_recorddict, recorddict_to_payload
 from lada.experiments.grid import apply_method
-from lada.protocol.node import ClientNode
+from lada.protocol.node import ClientNode, ServerNode
+from lada.schema import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny-test.toml"
@@ -76,6 +77,24 @@ def test_client_node_holds_only_public_and_its_shard(tmp_path):
     allowed |= {ex.id for ex in views(fed)["client2"].general}
     held = {ex.id for ex in node.public + node.train_set + node.test_set + node.data.general}
     assert held <= allowed and {ex.id for ex in fed.clients[2].train} <= held
+
+
+def test_receiver_reward_holds_out_a_private_slice_that_no_host_trains_on(tmp_path):
+    cfg = _tiny()
+    cfg.plugin = {"name": "lada", "reward": "receiver", "reward_val_size": 3}
+    node = ClientNode(cfg, 1, tmp_path / "ws")
+    full = node.data.train
+    assert node.held_out == full[-3:] and node.train_set == full[:-3]  # deterministic, disjoint, nothing lost
+    server = ServerNode(cfg, tmp_path / "server")
+    assert server.held_out == server.public[-3:] and server.train_set == server.data.train
+    plain = ClientNode(_tiny(), 1, tmp_path / "ws2")  # any other reward holds nothing out
+    assert plain.held_out == [] and plain.train_set == plain.data.train
+    cfg.plugin = {"name": "lada", "reward": "receiver", "reward_val_size": len(full)}
+    with pytest.raises(ConfigError, match=r"\[plugin\]\.reward_val_size: client-1 holds"):
+        ClientNode(cfg, 1, tmp_path / "ws3").train_set
+    # hosts reach private data only through train_set, which leaves the slice out
+    hosts = sorted((REPO / "lada" / "hosts").glob("*.py"))
+    assert hosts and not [p.name for p in hosts if ".data.train" in p.read_text()]
 
 
 def test_file_source_tokenizer_corpus_is_public_text_only():
@@ -147,7 +166,9 @@ class Capture:
         return replies
 
 
-METHODS = ["standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada"]
+# cot+lada with the receiver reward: a client also measures itself on a held-out slice
+# of its private shard, which must not leave it either.
+METHODS = ["standalone", "cot", "cot+lada-receiver-reward", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada"]
 
 
 @pytest.mark.e2e
@@ -160,6 +181,8 @@ def test_no_private_data_in_any_payload(tmp_path, monkeypatch, method):
                              "server.hidden_size=192", "server.num_layers=4", "server.num_heads=6",
                              "server.vocab_size=768", f"server.checkpoint={json.dumps(str(SHIPPED_LLM))}"])
     apply_method(cfg, method)
+    if cfg.plugin.get("reward") == "receiver":
+        cfg.plugin["reward_val_size"] = 4
     cfg.run_dir = str(tmp_path / "run")
     cap = Capture()
     monkeypatch.setattr(launch.InlineTransport, "exchange", lambda self, *a: cap.exchange(self, *a))

@@ -35,6 +35,9 @@ ABLATIONS: dict[str, Callable[[dict], None]] = {
     "loss-filter": lambda p: p.setdefault("filter", {}).update(kind="loss"),
     "no-contrastive": lambda p: p.update(distill="sft"),
     "relative-reward": lambda p: p.update(reward="relative"),
+    "paper-reward": lambda p: p.update(reward="paper"),
+    "receiver-reward": lambda p: p.update(reward="receiver"),  # gradient attribution (the default)
+    "receiver-share-reward": lambda p: p.update(reward="receiver", reward_attribution="share"),
 }
 # `--methods all` adds these ablations of the plug-in on the base config's host.
 ALL_ABLATIONS = ("no-filter", "random-filter", "no-contrastive")

@@ -11,8 +11,10 @@ the *sender* (LLM paths downward, SLM paths upward):
             (y- = a wrong one) and take the reference log-probs of (y+, y-)
     body    the host trains the receiver on its usual data plus the selected paths,
             adding ``t.loss`` = lambda_ * L_cd at every step
-    exit    reward each selected path by the receiver's gain in per-token likelihood
-            (``learning_reward``); the filter learns from it and is written back once
+    exit    reward each selected path (``[plugin] reward``: the receiver's gain in
+            per-token likelihood of the path, its share of the gap, the paper's set-level
+            form, or the receiver's gain on its own held-out data); the filter learns
+            from it and is written back once
 
 Nothing is kept on disk between enter and exit. Where the host's own exchange is not
 reasoning paths (logits, adapters), the plug-in's paths ride beside it
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +36,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from lada.data.records import example_prompt
+from lada.data.records import example_prompt, example_target
 from lada.data.answers import verify_path
 from lada.models.generation import sample_paths
 from lada.models.scoring import sequence_logprobs
@@ -66,7 +70,117 @@ def learning_reward(nll_before: Tensor, nll_after: Tensor, kind: str = "gain") -
         return p1 - p0
     if kind == "relative":
         return (p1 - p0) / (1 - p0).clamp_min(1e-3)
-    raise ValueError(f"learning_reward: kind must be one of {REWARDS}, got {kind!r}")
+    raise ValueError(f"learning_reward: kind must be 'gain' or 'relative', got {kind!r}")
+
+
+def paper_reward(nll_before: Tensor, nll_after: Tensor, previous_sum: float | None) -> tuple[Tensor, float]:
+    """The set-level form reported for LaDa (arXiv 2602.18749): the sum of exp(-loss)
+    over the selected set, compared with the previous round's, the difference shared
+    equally by the selected samples.
+
+    ``S_t = sum_i exp(-nll_after_i)`` over this round's selection (per-token NLL of the
+    receiver on each selected path, after the transfer's training); the difference is
+    ``S_t - S_{t-1}`` with ``S_{t-1}`` the pair's previous set sum, or, when there is none
+    (round 1), the same set before training ``sum_i exp(-nll_before_i)``. Every selected
+    sample gets ``(S_t - S_{t-1}) / |A_t|``. Returns (rewards, S_t).
+    """
+    n = len(nll_after)
+    if n == 0:
+        return torch.zeros(0), 0.0
+    s_now = float(torch.exp(-nll_after).sum())
+    s_prev = float(torch.exp(-nll_before).sum()) if previous_sum is None else float(previous_sum)
+    return torch.full((n,), (s_now - s_prev) / n), s_now
+
+
+def attribute_gain(gain: float, n: int, alignment: Tensor | None = None) -> Tensor:
+    """Split a set's measured gain over its ``n`` samples so that the rewards sum to ``gain``.
+
+    ``alignment`` None: equal shares ``gain / n``. Otherwise (one value per sample, e.g.
+    the cosine between its gradient and the validation gradient) each share moves by
+    the sample's alignment: ``r_i = gain / n + |gain| / n * (c_i - mean(c))``. A sample
+    better aligned with what the receiver is measured on gets more of a gain and less of
+    a loss; the deviations sum to zero.
+    """
+    if n == 0:
+        return torch.zeros(0)
+    share = gain / n
+    if alignment is None:
+        return torch.full((n,), share)
+    if len(alignment) != n:
+        raise ValueError(f"attribute_gain: {len(alignment)} alignments for {n} samples")
+    c = alignment.float()
+    return share + abs(share) * (c - c.mean())
+
+
+def gold_pairs(examples) -> tuple[list[str], list[str]]:
+    return [example_prompt(ex) for ex in examples], [example_target(ex) for ex in examples]
+
+
+def validation_likelihood(lm, examples, batch_size: int = 16, max_length: int = 256) -> float:
+    """The receiver's mean per-token likelihood ``exp(-nll)`` of the gold rationales of
+    ``examples`` (answer included): how well it models what it is measured on."""
+    prompts, texts = gold_pairs(examples)
+    _, nll, _ = receiver_features(lm, prompts, texts, batch_size, max_length, hidden=False)
+    return float(torch.exp(-nll).mean()) if len(nll) else float("nan")
+
+
+@torch.no_grad()
+def head_gradient_alignment(lm, prompts: list[str], texts: list[str], val_prompts: list[str], val_texts: list[str],
+                            batch_size: int = 16, max_length: int = 256) -> Tensor:
+    """Cosine between each sample's gradient and the validation gradient, taken with
+    respect to the output projection (LM head) only, at the current weights.
+
+    For a sample with head inputs ``h_t`` and prediction errors ``e_t = softmax_t - onehot_t``
+    at its target positions, the gradient of its mean token NLL is
+    ``G = (1/T) sum_t e_t h_t^T``, exactly, from one forward pass (no backward). A
+    first-order step on sample i changes the validation loss by ``-lr <G_i, G_val>``, so a
+    positive cosine means "training on it helps what the receiver is measured on". The
+    head gradient is the cheap part of the full gradient (TracIn-style last-layer
+    influence); it is computed the same way for LoRA models, whose heads do not train.
+    """
+    head = lm.model.get_output_embeddings()
+    if head is None:
+        raise ValueError("head_gradient_alignment: the model has no output embedding layer")
+    captured: list[Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0]))
+
+    def errors(ps: list[str], ts: list[str]):
+        """(inputs [T, H], errors [T, V]) of each example's target positions."""
+        encoded = encode_pairs(lm.tokenizer, list(zip(ps, ts)), max_length)
+        out = []
+        with _eval_mode(lm.model):
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start:start + batch_size]
+                batch = collate(chunk, lm.tokenizer.pad_token_id, lm.device)
+                captured.clear()
+                logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                h = captured[-1][:, :-1].float()
+                labels = batch["labels"][:, 1:]
+                probs = logits[:, :-1].float().softmax(-1)
+                for j in range(len(chunk)):
+                    keep = labels[j] != IGNORE
+                    e = probs[j][keep]
+                    e[torch.arange(len(e)), labels[j][keep]] -= 1.0
+                    out.append((h[j][keep], e))
+        return out
+
+    try:
+        val = errors(val_prompts, val_texts)
+        sel = errors(prompts, texts)
+    finally:
+        hook.remove()
+    if not val or not sel:
+        return torch.zeros(len(sel))
+    g_val = sum(e.T @ hh / max(1, len(e)) for hh, e in val) / len(val)  # [V, H]
+    g_val_norm = g_val.norm().clamp_min(1e-12)
+    cos = torch.zeros(len(sel))
+    for i, (hh, e) in enumerate(sel):
+        t = max(1, len(e))
+        dot = float((e * (hh @ g_val.T)).sum()) / t
+        # ||(1/T) sum_t e_t h_t^T||_F^2 = (1/T^2) sum_{t,s} (e_t . e_s)(h_t . h_s)
+        norm = math.sqrt(max(0.0, float(((e @ e.T) * (hh @ hh.T)).sum()))) / t
+        cos[i] = dot / (max(norm, 1e-12) * float(g_val_norm))
+    return cos
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -196,6 +310,12 @@ class LadaPlugin(Plugin):
             t0 = time.perf_counter()
             prefix = self._prefix(direction, pair)
             cands = [c for c in candidates if c.verified]
+            val = self._validation(node)
+            if val:  # the LLM's held-out public questions are never candidates
+                held = {ex.id for ex in val}
+                kept = [c for c in cands if c.question_id not in held]
+                node.log_metric(prefix + "val_excluded", len(cands) - len(kept))
+                cands = kept
             node.log_metric(prefix + "candidates", len(cands))
             filt = self._load_filter(node, direction, pair)
             idx: list[int] = []
@@ -208,6 +328,7 @@ class LadaPlugin(Plugin):
                 self._log_selection(node, prefix, filt, cands, idx, ctx, nll)
             chosen = [cands[i] for i in idx]
             loss = self._contrastive(direction, rnd, pair, node, lm, chosen)
+            before = self._receiver_before(lm, val, chosen) if val and chosen else None
             node.add_metric(prefix + "filter_seconds", time.perf_counter() - t0)
             t = Transfer(direction, pair, chosen, loss, len(cands))
         yield t  # the host trains here; an exception leaves the filter as it was
@@ -216,12 +337,61 @@ class LadaPlugin(Plugin):
             if chosen:
                 _, nll_after, _ = receiver_features(lm, [c.prompt for c in chosen], [c.text for c in chosen],
                                                     self.opts.score_batch_size, self._max_length(), hidden=False)
-                rewards = learning_reward(nll[idx], nll_after, self.opts.reward)
+                rewards = self._rewards(rnd, direction, pair, node, lm, prefix, nll[idx], nll_after, val, before)
                 filt.update(ctx[idx], rewards, predicted)
                 node.log_metric(prefix + "reward", float(rewards.mean()))
                 node.log_metric(prefix + "nll_after", float(nll_after.mean()))
             self._save_filter(node, direction, pair, filt)
             node.add_metric(prefix + "filter_seconds", time.perf_counter() - t1)
+
+    # ---- rewards
+    def _validation(self, node: PluginNode) -> list:
+        """The receiver's held-out examples (reward = "receiver"), else []."""
+        if self.opts.reward != "receiver":
+            return []
+        held = getattr(node, "held_out", None)
+        if not held:
+            raise ValueError(f"lada plug-in: reward = 'receiver' needs held-out examples on the receiver's node "
+                             f"({getattr(node, 'participant', node)!r} has none)")
+        return list(held)
+
+    def _receiver_before(self, lm: Any, val: list, chosen: list[Candidate]) -> tuple[float, Tensor | None]:
+        """Before training: the receiver's validation likelihood and, for gradient
+        attribution, each selected path's alignment with the validation gradient."""
+        bs, maxlen = self.opts.score_batch_size, self._max_length()
+        p = validation_likelihood(lm, val, bs, maxlen)
+        align = None
+        if self.opts.reward_attribution == "gradient":
+            vp, vt = gold_pairs(val)
+            align = head_gradient_alignment(lm, [c.prompt for c in chosen], [c.text for c in chosen], vp, vt, bs,
+                                            maxlen)
+        return p, align
+
+    def _rewards(self, rnd: int, direction: str, pair: int, node: PluginNode, lm: Any, prefix: str,
+                 nll_before: Tensor, nll_after: Tensor, val: list,
+                 before: tuple[float, Tensor | None] | None) -> Tensor:
+        kind = self.opts.reward
+        if kind in ("gain", "relative"):
+            return learning_reward(nll_before, nll_after, kind)
+        if kind == "paper":
+            path = Path(node.workspace) / f"reward-{direction}-{pair}.json"
+            prev = json.loads(path.read_text())["set_sum"] if path.exists() else None
+            rewards, s_now = paper_reward(nll_before, nll_after, prev)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"round": rnd, "set_sum": s_now}))
+            tmp.replace(path)
+            node.log_metric(prefix + "set_sum", s_now)
+            return rewards
+        if kind == "receiver":
+            assert before is not None
+            p_before, align = before
+            p_after = validation_likelihood(lm, val, self.opts.score_batch_size, self._max_length())
+            node.log_metric(prefix + "val_before", p_before)
+            node.log_metric(prefix + "val_after", p_after)
+            if align is not None:
+                node.log_metric(prefix + "val_alignment", float(align.mean()))
+            return attribute_gain(p_after - p_before, len(nll_after), align)
+        raise ValueError(f"lada plug-in: unknown reward {kind!r}; expected one of {REWARDS}")
 
     def _log_selection(self, node: PluginNode, prefix: str, filt: DataFilter, cands: list[Candidate],
                        idx: list[int], ctx: Tensor, nll: Tensor) -> None:

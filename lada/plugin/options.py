@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from lada.schema import ConfigError, check_choice, check_non_negative, check_positive, check_range
 
 FILTER_KINDS = ("none", "random", "loss", "lada")
-REWARDS = ("gain", "relative")
+REWARDS = ("gain", "relative", "paper", "receiver")
+ATTRIBUTIONS = ("gradient", "share")
 
 
 @dataclass
@@ -60,7 +61,13 @@ class LadaConfig:
     pair_batch: int = 4  # (y+, y-) pairs per optimizer step
     negative_paths: int = 2  # receiver paths sampled per question to find y-
     score_batch_size: int = 16  # sequences per forward pass when computing contexts
-    reward: str = "gain"  # the filter's feedback: gain | relative (gain / headroom); see learning_reward
+    reward: str = "gain"  # the filter's feedback: gain | relative | paper | receiver (docs/lada.md, "Reward")
+    # reward = "receiver": the receiver's likelihood gain on its own held-out examples. A
+    # client holds out the last reward_val_size examples of its private train shard (never
+    # trained on, never sent); the LLM the last reward_val_size public questions (never
+    # candidates).
+    reward_val_size: int = 50
+    reward_attribution: str = "gradient"  # receiver: gradient (LM-head gradient alignment) | share (equal shares)
 
     def validate(self, where: str = "[plugin]") -> None:
         if self.distill not in ("sft", "contrastive"):
@@ -71,8 +78,15 @@ class LadaConfig:
                 "vocabulary, which no host transfers (only text and scalars cross the wire); the loss is "
                 "available as lada.plugin.losses.distillm2_loss. Use 'dpo'.")
         check_choice(self, where, "reward", REWARDS)
+        check_choice(self, where, "reward_attribution", ATTRIBUTIONS)
+        check_positive(self, where, "reward_val_size")
         if self.variant != "dpo":
             raise ConfigError(f"{where}.variant: must be 'dpo', got {self.variant!r}")
         check_non_negative(self, where, "lambda_")
         check_positive(self, where, "beta", "pair_batch", "negative_paths", "score_batch_size")
         self.filter.validate(f"{where}.filter")
+
+    def holdout_size(self) -> int:
+        """Examples of each participant's data the plug-in keeps out of training for its own
+        measurements (``lada.protocol.node``): only the receiver reward needs any."""
+        return self.reward_val_size if self.reward == "receiver" else 0

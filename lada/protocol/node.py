@@ -142,6 +142,30 @@ class Node:
     def who(self) -> str:
         return "server" if self.participant == "llm" else self.participant.replace("-", "")
 
+    @cached_property
+    def holdout_size(self) -> int:
+        """How many examples the run's plug-in holds out for its own measurements (its
+        options' ``holdout_size()``; 0 for plug-ins that define none)."""
+        from lada import registry
+
+        size = getattr(registry.plugin_options(self.cfg), "holdout_size", None)
+        return int(size()) if size else 0
+
+    def _last(self, examples: list, what: str) -> list:
+        """The deterministic held-out slice: the last ``holdout_size`` of ``examples``."""
+        n = self.holdout_size
+        if n and n >= len(examples):
+            from lada.schema import ConfigError
+
+            raise ConfigError(f"{self.cfg.source_file or 'config'} [plugin].reward_val_size: {self.participant} "
+                              f"holds {len(examples)} {what}, so it cannot hold out {n} and keep any; lower it")
+        return examples[len(examples) - n:] if n else []
+
+    @property
+    def public_held_out(self) -> list:
+        """The labelled public questions the LLM's side holds out (never plug-in candidates)."""
+        return self._last(self.data.public, "public examples")
+
 
 class ServerNode(Node):
     participant = "llm"
@@ -168,6 +192,11 @@ class ServerNode(Node):
     @property
     def train_set(self):
         return self.data.train
+
+    @property
+    def held_out(self):
+        """The LLM's held-out labelled examples: a slice of the public set."""
+        return self.public_held_out
 
 
 class ClientNode(Node):
@@ -196,7 +225,15 @@ class ClientNode(Node):
 
     @property
     def train_set(self):
-        return self.data.train
+        """The private training shard, minus the plug-in's held-out slice (``held_out``)."""
+        held = len(self.held_out)
+        return self.data.train[:len(self.data.train) - held] if held else self.data.train
+
+    @property
+    def held_out(self):
+        """The last ``holdout_size`` examples of the private shard: the plug-in measures
+        the receiver on them; no host trains on them and they never leave the node."""
+        return self._last(self.data.train, "private training examples")
 
     @property
     def test_set(self):
@@ -222,6 +259,15 @@ class SharedSLMNode(ClientNode):
 
     def initial_checkpoint(self) -> Path:
         return participant_checkpoint(self.cfg, "shared-slm")
+
+    # The server's data view: its general data, and the server's held-out public slice.
+    @property
+    def train_set(self):
+        return self.data.train
+
+    @property
+    def held_out(self):
+        return self.public_held_out
 
 
 def _rmtree(path: Path) -> None:
