@@ -29,7 +29,8 @@ beside it: each client adds its SLM's paths to the ``local_train`` reply (keys
 ``lada/...``, bytes reported apart); the LLM's paths for the down transfer never leave
 the server. Each distillation trains on the whole public set as the host does plus the
 plug-in's selected paths (LM loss), with the mean of the pairs' extra losses, for
-``train.transfer_epochs`` passes over that mix.
+``[host] epochs`` passes over that mix (1; 0: ``train.transfer_epochs``). The LLM trains
+LoRA adapters of rank ``llm_lora_r`` (8; 0: all its weights).
 """
 
 from __future__ import annotations

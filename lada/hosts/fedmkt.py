@@ -22,7 +22,9 @@ beside it: clients add theirs to the ``client_logits`` reply, the server adds th
 to the ``server_logits`` message (keys ``lada/...``, bytes reported apart). The receiver
 distils on the whole public set as the host does, and also trains (LM loss) on the
 plug-in's selected paths, with the mean of the pairs' extra losses; the training budget
-is ``train.transfer_epochs`` passes over public examples plus selected paths.
+is ``[host] epochs`` passes (1, as the paper; 0: ``train.transfer_epochs``) over public
+examples plus selected paths. As in the paper, every participant trains LoRA adapters
+(``lora_r``, ``llm_lora_r``; docs/hosts.md, "Training form").
 
 The distillation machinery here (:func:`compute_topk`, :func:`transfer_targets`,
 :func:`distill`) is shared with FedCoLLM.
