@@ -159,6 +159,12 @@ def cmd_grid(args) -> int:
     return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []))
 
 
+def cmd_premises(args) -> int:
+    from lada.experiments.premises import main_premises
+
+    return main_premises(args.config, args.out, args.seeds, list(args.set or []), args.epochs, args.parts)
+
+
 def cmd_report(args) -> int:
     from lada.experiments.report import read_metrics
     from lada.experiments.runner import finish_run, read_run_state
@@ -246,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None)
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base config")
     g.set_defaults(func=cmd_grid)
+
+    pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "
+                        "learnability by path length, bounds) before any method runs; resumable")
+    pm.add_argument("config")
+    pm.add_argument("--out", required=True, help="folder for one JSON per measured cell, premises.json and premises.md")
+    pm.add_argument("--seeds", type=int, nargs="+", default=[0])
+    pm.add_argument("--epochs", type=float, default=None,
+                    help="passes over every training mix (default: train.transfer_epochs x rounds)")
+    pm.add_argument("--parts", default="", help="comma-separated subset of base,down,up,learn,central (default: all)")
+    pm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the config")
+    pm.set_defaults(func=cmd_premises)
 
     rp = sub.add_parser("report", help="rewrite a run's table and plot from its metrics.jsonl")
     rp.add_argument("run_dir")

@@ -79,9 +79,11 @@ class DataConfig:
     set and the held-out sets."""
 
     source: str = "synthetic"
-    # Seed of the split and of the warm-up (the stand-in for a fixed pre-trained model):
-    # repeated runs of one experiment vary the run's `seed`, not this one.
-    seed: int = 0
+    # Seed of the split, the synthetic data and the warm-ups. Unset: the run's `seed`, so
+    # repeated runs of an experiment vary the data split and sampling as well (each data
+    # seed has its own warm-ups). Set it to pin the data across run seeds: the shipped
+    # configs say `seed = 0` here, as every config did before this field became optional.
+    seed: int | None = None
     path: str = ""  # data file for file sources; empty: the copy shipped in the repo
     num_clients: int = 3
     train_per_client: int = 300
@@ -97,6 +99,12 @@ class DataConfig:
     # Folder of per-participant files (lada.data.split); each node reads only its own part.
     # Empty: `lada run` writes <run_dir>/data before the run.
     split_dir: str = ""
+    # Testbed options of the synthetic task (docs/testbed.md, "Premises"). Neither changes
+    # the client train shards or the server's data, so warm-ups stay valid.
+    # [lo, hi]: client test sets drawn uniformly over lo..hi steps of the client's domain
+    # (empty: the domain's own short-skewed mix, like the train shard).
+    client_test_steps: list[int] = field(default_factory=list)
+    public_domain_share: float = 0.5  # share of client-domain questions in the public set
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "source", DATA_SOURCES)
@@ -106,6 +114,16 @@ class DataConfig:
         check_positive(self, where, "num_clients", "train_per_client", "test_per_client", "public_size",
                        "server_test_size", "dirichlet_alpha")
         check_non_negative(self, where, "server_train_size")
+        check_range(self, where, "public_domain_share", 0, 1)
+        if self.client_test_steps:
+            lo_hi = self.client_test_steps
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= 6:
+                raise ConfigError(f"{where}.client_test_steps: must be [lo, hi] with 1 <= lo <= hi <= 6 "
+                                  f"(or empty), got {lo_hi!r}")
+        if self.source != "synthetic":
+            for name, off in (("client_test_steps", []), ("public_domain_share", 0.5)):
+                if getattr(self, name) != off:
+                    raise ConfigError(f"{where}.{name}: only for source = 'synthetic', got source {self.source!r}")
 
     def validate_domains(self, where: str) -> None:
         """Synthetic task: the first ``num_clients`` domains must be known client domains
@@ -217,9 +235,18 @@ class RunConfig:
     def plugin_name(self) -> str:
         return self.plugin.get("name", "none")
 
+    def __post_init__(self) -> None:
+        self.resolve_data_seed()
+
+    def resolve_data_seed(self) -> None:
+        """An unset ``data.seed`` follows the run's ``seed`` (resolved once, at load)."""
+        if self.data.seed is None:
+            self.data.seed = self.seed
+
     def validate(self, where: str = "config") -> None:
         check_positive(self, where, "rounds")
         check_range(self, where, "seed", 0, MAX_SEED)
+        self.resolve_data_seed()
         check_range(self.data, f"{where} [data]", "seed", 0, MAX_SEED)
         for name, sub in (("data", self.data), ("server", self.server), ("train", self.train),
                           ("generation", self.generation), ("engine", self.engine)):

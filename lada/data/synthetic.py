@@ -21,6 +21,7 @@ Everything is deterministic by seed (``random.Random`` seeded from a string).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -452,10 +453,57 @@ def build_synthetic(data_cfg: "DataConfig", seed: int) -> "FederatedData":
         items: list[Example] = []
         for d, n in sizes[set_name].items():
             items += take(d, n)
-        random.Random(f"lada-synthetic/{set_name}/{seed}").shuffle(items)  # mix domains
         sets[set_name] = items
+    # The testbed options below draw their problems from extra streams and only drop or
+    # replace items of the sets above, so the pools, the client train shards and the
+    # server's training data (what the warm-ups are fingerprinted on) stay the same
+    # whatever the options say; with the options at their defaults nothing changes.
+    seen = {ex.question for xs in pools.values() for ex in xs}
+    test_steps = list(getattr(data_cfg, "client_test_steps", []) or [])
+    if test_steps:
+        lo, hi = test_steps
+        for k, d in enumerate(doms):
+            clients[k] = ClientShard(train=clients[k].train, test=_extra(
+                d, data_cfg.test_per_client, seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1)))
+    share = getattr(data_cfg, "public_domain_share", DEFAULT_PUBLIC_DOMAIN_SHARE)
+    if share != DEFAULT_PUBLIC_DOMAIN_SHARE:
+        sets["public"] = _public_mix(data_cfg, doms, sets["public"], share, seed, seen)
+    for set_name, items in sets.items():
+        random.Random(f"lada-synthetic/{set_name}/{seed}").shuffle(items)  # mix domains
     return FederatedData(clients=clients, public=sets["public"], server_test=sets["server_test"],
                          server_train=sets["server_train"])
+
+
+DEFAULT_PUBLIC_DOMAIN_SHARE = 0.5  # half of the public set is general, half client domains
+
+
+def _extra(domain: str, n: int, seed: int, tag: str, seen: set[str], lo: int = 1, hi: int = 6,
+           weights: Sequence[float] | None = None) -> list[Example]:
+    """``n`` fresh problems of ``domain`` for a testbed option, from a stream of their own
+    (ids ``syn-<domain>-<seed>-<tag><i>``), none repeating a question in ``seen`` (which
+    grows by what is drawn)."""
+    stream = {"test": 4_000_037, "public": 5_000_011}[tag] + seed
+    out = [dataclasses.replace(ex, id=f"syn-{domain}-{seed}-{tag}{i}")
+           for i, ex in enumerate(generate(domain, n, stream, lo, hi, step_weights=weights, exclude=seen))]
+    seen.update(ex.question for ex in out)
+    return out
+
+
+def _public_mix(data_cfg: "DataConfig", doms: list[str], public: list[Example], share: float, seed: int,
+                seen: set[str]) -> list[Example]:
+    """The public set with ``share`` of client-domain questions (equal per domain) and the
+    rest general. Fewer than the default's: the first ones of each part are kept. More:
+    the default's plus fresh ones (``_extra``)."""
+    n_dom = round(share * data_cfg.public_size)
+    want = {"general": data_cfg.public_size - n_dom, **dict(zip(doms, _shares(n_dom, len(doms))))}
+    by_domain: dict[str, list[Example]] = {}
+    for ex in public:
+        by_domain.setdefault(ex.domain, []).append(ex)
+    out: list[Example] = []
+    for d, n in want.items():
+        have = by_domain.get(d, [])[:n]
+        out += have + (_extra(d, n - len(have), seed, "public", seen) if n > len(have) else [])
+    return out
 
 
 def tokenizer_corpus(data_cfg: "DataConfig", seed: int, per_domain: int = 400) -> list[str]:

@@ -100,9 +100,9 @@ def _split_ablations(method: str, text: str) -> list[str]:
 
 
 def method_config(base: Path, method: str, seed: int, out_dir: Path, overrides: list[str]) -> RunConfig:
-    cfg = load_config(base, overrides)
+    # the run seed as an override, so a config without [data] seed draws its data from it too
+    cfg = load_config(base, [*overrides, f"seed={seed}"])
     apply_method(cfg, method)
-    cfg.seed = seed
     cfg.name = f"{method}-seed{seed}"
     cfg.run_dir = str((out_dir / method / f"seed{seed}").absolute())
     cfg.validate(f"{base} (method {method})")
