@@ -54,7 +54,7 @@ def test_bad_method_names_are_refused_before_running(spec, msg):
 
 
 def test_all_comes_from_the_registry_and_the_capabilities():
-    everything = ["standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",
+    everything = ["centralised", "standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada",
                   "cot+lada-no-filter", "cot+lada-random-filter", "cot+lada-no-contrastive"]
     assert all_methods("cot") == everything
     assert parse_methods("all", "cot") == everything
@@ -67,6 +67,7 @@ def test_all_comes_from_the_registry_and_the_capabilities():
     assert parse_methods("all,cot,fedmkt+lada-relative-reward", "cot") == [*everything, "fedmkt+lada-relative-reward"]
     assert all_methods("fedmkt")[-1] == "fedmkt+lada-no-contrastive"
     assert not any(m.startswith("standalone+") for m in all_methods("standalone"))
+    assert parse_methods("centralised,cot") == ["centralised", "cot"]
 
 
 def rows(seed_shift: float, filter_s: float = 0.0) -> list[dict]:

@@ -42,12 +42,17 @@ ABLATIONS: dict[str, Callable[[dict], None]] = {
 # `--methods all` adds these ablations of the plug-in on the base config's host.
 ALL_ABLATIONS = ("no-filter", "random-filter", "no-contrastive")
 PLUGIN = "lada"  # the plug-in the grid's method names add
+# The upper bound as a row: every participant's model trained on the pooled data of the
+# federation (lada.experiments.premises.cell_central), no federation. The lower bound is
+# the `standalone` host.
+CENTRALISED = "centralised"
 
 
 def all_methods(base_host: str) -> list[str]:
-    """`--methods all`: every registered host alone, every collaborative host with the
-    plug-in, and ``ALL_ABLATIONS`` of the plug-in on ``base_host`` (the base config's)."""
-    out: list[str] = []
+    """`--methods all`: the centralised upper bound, every registered host alone (the
+    `standalone` host is the lower bound), every collaborative host with the plug-in,
+    and ``ALL_ABLATIONS`` of the plug-in on ``base_host`` (the base config's)."""
+    out: list[str] = [CENTRALISED]
     for host in registry.HOSTS:
         out.append(host)
         if registry.host_class(host).capabilities.collaborative:
@@ -66,6 +71,9 @@ def apply_method(cfg: RunConfig, method: str) -> None:
     config's upward path distillation), else it runs with its defaults. A host that
     needs one SLM on every client (``Capabilities.shared_slm``) gets client 0's model
     everywhere."""
+    if method == CENTRALISED:  # trains on the base config's data and models; no host runs
+        cfg.plugin = {"name": "none"}
+        return
     host, _, rest = method.partition("+")
     if host not in registry.HOSTS:
         raise ValueError(f"method {method!r}: unknown host {host!r}; hosts: {sorted(registry.HOSTS)}")
@@ -141,12 +149,42 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
         run_dir = Path(cfg.run_dir)
         if (run_dir / "DONE").exists() and (run_dir / "config.toml").read_text() == cfg.to_toml():
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
+        elif method == CENTRALISED:
+            log.info("[%d/%d] %s seed %d", i, total, method, seed)
+            run_centralised(cfg)
         else:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
     write_report(results, out_dir, base, seeds, budget)
     return results
+
+
+def run_centralised(cfg: RunConfig) -> Path:
+    """The upper-bound row of a grid: each participant's warm-up trained on the pooled
+    data (``premises.cell_central``, ``train.transfer_epochs x rounds`` passes), written
+    as a run directory (config.toml, metrics.jsonl with one final-round row per
+    participant, DONE) so the grid reads and reuses it like any run."""
+    from lada.experiments.premises import Context, cell_central
+    from lada.data import build_federated_data
+    from lada.data.split import views
+
+    from lada.experiments.runner import prepare_run_dir
+
+    run_dir = prepare_run_dir(cfg, overwrite=True)
+    ctx = Context(cfg=cfg, seed=cfg.seed, epochs=cfg.train.transfer_epochs * cfg.rounds, out=run_dir,
+                  views=views(build_federated_data(cfg.data, cfg.data.seed)))
+    rows = []
+    for who in ["server", *(f"client{k}" for k in ctx.clients)]:
+        t0 = time.perf_counter()
+        r = cell_central(ctx, who)
+        rows.append({"round": cfg.rounds, "participant": "llm" if who == "server" else f"client-{who[6:]}",
+                     "accuracy": r["accuracy"], "n_test": r["n"], "train_steps": r["train_steps"],
+                     "bytes_up": 0, "bytes_down": 0, "lada_bytes_up": 0, "lada_bytes_down": 0,
+                     "seconds": time.perf_counter() - t0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "DONE").write_text("centralised upper bound\n")
+    return run_dir
 
 
 def budget_note(cfg: RunConfig) -> str:
@@ -179,7 +217,8 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
         slm_mean.append(sum(slm) / len(slm) if slm else float("nan"))
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:
-            mb.append(statistics.fmean((r["bytes_up"] + r["bytes_down"]) / 1e6 for r in llm_rows))
+            mb.append(statistics.fmean((r["bytes_up"] + r["bytes_down"] - r.get("lada_bytes_up", 0)
+                                        - r.get("lada_bytes_down", 0)) / 1e6 for r in llm_rows))
             lada_kb.append(statistics.fmean((r.get("lada_bytes_up", 0) + r.get("lada_bytes_down", 0)) / 1e3
                                             for r in llm_rows))
             secs.append(statistics.fmean(r["seconds"] for r in llm_rows))
@@ -194,7 +233,7 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
                  budget: str = "") -> Path:
     parts = sorted({p for rs in results.values() for rows in rs.values() for p in (r["participant"] for r in rows)
                     if p != "llm"})
-    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "MB/round", "of which LaDa KB/round", "s/round",
+    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "host MB/round", "LaDa KB/round", "s/round",
               "filter s/round"]
     lines = [f"Final-round test accuracy (%), mean ± std over seeds {seeds}; base config `{base}`.",
              *([budget] if budget else []), "",

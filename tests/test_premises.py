@@ -1,0 +1,87 @@
+"""The premise measurements: the noise rule, resumable cells, the compute the treated
+and control trainings get, and the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lada.data.records import example_target
+from lada.experiments import premises as pm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_noise_rule():
+    assert pm.binomial_se(0.5, 500) == pytest.approx(0.02236, abs=1e-4)
+    assert pm.diff_se(0.5, 0.5, 500) == pytest.approx(0.0316, abs=1e-3)
+    assert pm.clearly_above([0.08], [0.03])
+    assert not pm.clearly_above([0.05], [0.03])  # under 2 se
+    assert not pm.clearly_above([0.08, 0.07, -0.01], [0.03, 0.03, 0.03])  # one seed within noise
+    assert pm.clearly_above([0.08, 0.09, 0.10], [0.03, 0.03, 0.03])
+    assert not pm.clearly_above([], [])
+    assert [pm.bucket_of(s) for s in (1, 2, 3, 5, 6, 7)] == ["1-2", "1-2", "3-4", "5-6", "5-6", ""]
+    assert pm.budget_steps(100, 2, 16) == 13 and pm.budget_steps(0, 2, 16) == 0
+
+
+def _ctx(tmp_path) -> pm.Context:
+    ctx = pm.context(ROOT / "configs/tiny-test.toml", 0, tmp_path, epochs=1.0)
+    # the tiny models cannot reason: stand in for the LLM's verified paths with gold
+    # rationales of public questions, of every length
+    public = ctx.views["server"].public
+    ctx._paths["server"] = [{"id": ex.id, "prompt": f"Question: {ex.question}\nAnswer:\n",
+                             "text": example_target(ex), "steps": ex.num_steps, "domain": ex.domain}
+                            for ex in public]
+    return ctx
+
+
+def test_treated_and_control_get_the_same_steps_and_cells_resume(tmp_path):
+    ctx = _ctx(tmp_path)
+    treated = pm.run_cell(ctx, "down-client0", lambda: pm.cell_down(ctx, 0, control=False))
+    control = pm.run_cell(ctx, "control-client0", lambda: pm.cell_down(ctx, 0, control=True))
+    own, paths = len(ctx.views["client0"].train), len(ctx._paths["server"])
+    assert treated["train_examples"] == own + paths and control["train_examples"] == own
+    assert treated["train_steps"] == control["train_steps"] == pm.budget_steps(own + paths, 1.0, 8)
+    assert treated["n"] == len(ctx.views["client0"].test)
+    stored = json.loads((tmp_path / "seed0" / "down-client0.json").read_text())
+    assert stored["result"] == treated and stored["seconds"] >= 0
+    # a restart reuses the stored cell instead of measuring again
+    again = pm.run_cell(ctx, "down-client0", lambda: pytest.fail("measured twice"))
+    assert again == treated
+    # a changed input (another epochs budget) is measured again
+    ctx.epochs = 2.0
+    calls = []
+    pm.run_cell(ctx, "down-client0", lambda: calls.append(1) or {"accuracy": 0.0, "n": 1})
+    assert calls == [1]
+
+
+def test_learnability_buckets_get_equal_tokens(tmp_path):
+    ctx = _ctx(tmp_path)
+    buckets, budget, tokens = pm._bucket_token_budget(ctx, 1)
+    assert set(buckets) == {"1-2", "3-4", "5-6"} and budget == int(min(t for t in tokens.values() if t))
+    trained = {}
+    for b, paths in buckets.items():
+        r = pm.cell_learn(ctx, 1, b)
+        if paths:
+            trained[b] = r["train_steps"] * ctx.cfg.train.batch_size * r["mean_path_tokens"]
+            assert all(lo <= p["steps"] <= hi for p in paths for lo, hi in [map(int, b.split("-"))])
+    assert len(trained) >= 2
+    for v in trained.values():  # equal token budgets, up to rounding to whole steps
+        assert abs(v - budget) <= ctx.cfg.train.batch_size * max(tokens.values())
+
+
+def test_summary_and_table():
+    def cell(acc, dom=None, n=100):
+        return {"accuracy": acc, "n": n, **({"domain_accuracy": dom, "domain_n": 75} if dom is not None else {})}
+    results = {s: {"base-server": cell(0.4, 0.05), "control-server": cell(0.4, 0.05), "up-server": cell(0.5, 0.3),
+                   "central-server": cell(0.6, 0.5), "base-client0": cell(0.3), "control-client0": cell(0.31 + s / 100),
+                   "down-client0": cell(0.33), "learn-client0-1-2": cell(0.2), "learn-client0-5-6": cell(0.1)}
+               for s in (0, 1)}
+    summary = pm.summarise(results, type("C", (), {"clients": [0]})())
+    assert summary["server"]["headroom_domain_clear"] and summary["server"]["headroom"] == pytest.approx([0.1, 0.1])
+    assert not summary["client0"]["headroom_clear"]  # +2 and +1 points on 100 problems: noise
+    table = pm.format_tables(summary, "x.toml", [0, 1], 2)
+    assert "| LLM (client domains only) | - | 5.0 ± 0.0 | 5.0 ± 0.0 | 30.0 ± 0.0 | 25.0 ± 0.0" in table
+    assert "within noise" in table and "| client0 | 20.0 ± 0.0 | - | 10.0 ± 0.0 |" in table
