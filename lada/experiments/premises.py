@@ -331,9 +331,11 @@ def measure(cfg_path: str | Path, out: str | Path, seeds: list[int], overrides: 
         results[seed] = {}
         for i, (name, fn) in enumerate(todo, 1):
             results[seed][name] = run_cell(ctx, name, fn, log=lambda m, i=i, n=len(todo): log(f"[{i}/{n}] {m}"))
-        for who, cands in ctx._paths.items():  # what the transfers trained on
-            results[seed][f"paths-{who}"] = {"verified": len(cands), "by_steps": _count(cands, "steps"),
-                                             "by_domain": _count(cands, "domain")}
+        for who in ["server", *(f"client{k}" for k in ctx.clients)]:  # what the transfers trained on
+            if who in ctx._paths or (out / f"seed{seed}" / f"paths-{who}.json").is_file():
+                cands = _candidates(ctx, who)  # stored: read back, not sampled again
+                results[seed][f"paths-{who}"] = {"verified": len(cands), "by_steps": _count(cands, "steps"),
+                                                 "by_domain": _count(cands, "domain")}
     summary = summarise(results, ctx)
     (out / "premises.json").write_text(json.dumps({"config": str(cfg_path), "overrides": overrides or [],
                                                    "seeds": seeds, "epochs": ctx.epochs if ctx else None,
