@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lada.config import RunConfig
+from lada.config import ConfigError, RunConfig
 from lada.experiments.grid import all_methods, apply_method, budget_note, method_config, parse_methods, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +94,18 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cot"]["slm_mean"] == pytest.approx([0.6, 0.7])
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_plugin_settings_reach_every_method_with_a_plugin_and_win_over_ablations():
+    """``lada grid --set plugin.X=...`` used to be dropped: the method replaces the base
+    config's [plugin]. Now it is applied on top of the method's plug-in."""
+    sets = ["plugin.filter.alpha=2.5", 'plugin.reward="relative"', "train.local_steps=7"]
+    lada = method_config(ROOT / "configs/default.toml", "cot+lada-no-filter", 0, Path("out"), sets)
+    assert lada.plugin == {"name": "lada", "filter": {"kind": "none", "alpha": 2.5}, "reward": "relative"}
+    assert lada.train.local_steps == 7
+    host = method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), sets)
+    assert host.plugin == {"name": "none"} and host.train.local_steps == 7
+    with pytest.raises(ConfigError, match="method names the plug-in"):
+        method_config(ROOT / "configs/default.toml", "cot+lada", 0, Path("out"), ['plugin.name="none"'])
+    with pytest.raises(ConfigError, match="alpah"):  # a misspelt option is refused, not ignored
+        method_config(ROOT / "configs/default.toml", "cot+lada", 0, Path("out"), ["plugin.filter.alpah=1"])

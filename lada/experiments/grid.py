@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from lada import registry
-from lada.config import RunConfig, load_config
+from lada.config import ConfigError, RunConfig, apply_override, load_config
 from lada.experiments.report import read_metrics
 from lada.experiments.runner import run
 
@@ -107,10 +107,31 @@ def _split_ablations(method: str, text: str) -> list[str]:
     return out
 
 
+def split_plugin_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides of the base config, ``plugin.*`` overrides). The method decides the
+    plug-in, so ``plugin.*`` settings are applied on top of it (to every method that has
+    one; they win over its ablation switches), never to the base config, whose
+    ``[plugin]`` the method replaces."""
+    base, plugin = [], []
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        if key in ("plugin", "plugin.name"):
+            raise ConfigError(f"--set {ov!r}: in a grid the method names the plug-in (e.g. cot+lada); "
+                              "set its options with plugin.<key>=...")
+        (plugin if key.startswith("plugin.") else base).append(ov)
+    return base, plugin
+
+
 def method_config(base: Path, method: str, seed: int, out_dir: Path, overrides: list[str]) -> RunConfig:
+    base_overrides, plugin_overrides = split_plugin_overrides(overrides)
     # the run seed as an override, so a config without [data] seed draws its data from it too
-    cfg = load_config(base, [*overrides, f"seed={seed}"])
+    cfg = load_config(base, [*base_overrides, f"seed={seed}"])
     apply_method(cfg, method)
+    if cfg.plugin_name != "none":
+        holder = {"plugin": cfg.plugin}
+        for ov in plugin_overrides:
+            apply_override(holder, ov, f"--set (method {method})")
+        cfg.plugin = holder["plugin"]
     cfg.name = f"{method}-seed{seed}"
     cfg.run_dir = str((out_dir / method / f"seed{seed}").absolute())
     cfg.validate(f"{base} (method {method})")
@@ -301,7 +322,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str]) -> int:
     try:
-        names = parse_methods(methods, load_config(base, overrides).host_name)
+        names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
         raise SystemExit(f"lada grid: {e}") from None
     t0 = time.perf_counter()
