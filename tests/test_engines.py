@@ -346,11 +346,14 @@ def test_tiny_run(engine, host, tmp_path, monkeypatch):
 def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # A directory that is no saved model: the config check (which rejects a missing
-    # checkpoint up front) passes, and client-1 fails at run time, in the simulation.
+    # checkpoint up front) passes, and client-1 fails at run time. (How the Flower
+    # engines surface a client's error is test_simulation_client_error_fails_run's.)
     (tmp_path / "empty-checkpoint").mkdir()
     cfg = tiny_config(tmp_path / "run", f'clients.1.checkpoint="{tmp_path / "empty-checkpoint"}"')
-    with pytest.raises(EngineError) as e:
-        run_engine(cfg, "simulation", tmp_path / "run" / "run.log")
+    from lada.protocol.driver import FederationError
+
+    with pytest.raises(FederationError) as e:
+        run_engine(cfg, "inline", tmp_path / "run" / "run.log")
     assert "client-1" in str(e.value) and "empty-checkpoint" in str(e.value)
 
 

@@ -261,13 +261,8 @@ class SharedSLMNode(ClientNode):
         return participant_checkpoint(self.cfg, "shared-slm")
 
     # The server's data view: its general data, and the server's held-out public slice.
-    @property
-    def train_set(self):
-        return self.data.train
-
-    @property
-    def held_out(self):
-        return self.public_held_out
+    train_set = ServerNode.train_set
+    held_out = ServerNode.held_out
 
 
 def _rmtree(path: Path) -> None:
