@@ -109,3 +109,11 @@ def test_plugin_settings_reach_every_method_with_a_plugin_and_win_over_ablations
         method_config(ROOT / "configs/default.toml", "cot+lada", 0, Path("out"), ['plugin.name="none"'])
     with pytest.raises(ConfigError, match="alpah"):  # a misspelt option is refused, not ignored
         method_config(ROOT / "configs/default.toml", "cot+lada", 0, Path("out"), ["plugin.filter.alpah=1"])
+
+
+def test_hosts_with_their_own_training_form_say_so_in_the_budget():
+    from lada.experiments.grid import host_budget_note
+
+    note = host_budget_note(method_config(ROOT / "configs/default.toml", "fedmkt+lada", 0, Path("out"), []))
+    assert "`[host] epochs = 1` passes" in note and "lora_r = 8" in note and "llm_lora_r = 8" in note
+    assert host_budget_note(method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), [])) == ""

@@ -163,9 +163,11 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     results: dict[str, dict[int, list[dict]]] = {}
     total = len(methods) * len(seeds)
     budget = ""
+    host_notes: dict[str, str] = {}
     for i, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), 1):
         cfg = method_config(base, method, seed, out_dir, overrides or [])
         budget = budget_note(cfg)
+        host_notes.setdefault(cfg.host_name, host_budget_note(cfg))
         cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
         if (run_dir / "DONE").exists() and (run_dir / "config.toml").read_text() == cfg.to_toml():
@@ -177,6 +179,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
+    budget = " ".join([budget, *(n for n in host_notes.values() if n)])
     write_report(results, out_dir, base, seeds, budget)
     return results
 
@@ -214,6 +217,18 @@ def budget_note(cfg: RunConfig) -> str:
     return (f"Training budget: every transfer trains `train.transfer_epochs = {t.transfer_epochs:g}` passes over "
             f"its training mix (received items kept by the filter, plus what the host mixes in), batch "
             f"{t.batch_size}; local training on private data {t.local_steps} steps per round.")
+
+
+def host_budget_note(cfg: RunConfig) -> str:
+    """A host's own training form where it has one (FedMKT and FedCoLLM train as their
+    papers do: ``[host] epochs`` passes, LoRA), or ""."""
+    opts = registry.host_options(cfg)
+    epochs = getattr(opts, "epochs", 0)
+    if not epochs:
+        return ""
+    lora = [f"{key} = {getattr(opts, key)}" for key in ("lora_r", "llm_lora_r") if hasattr(opts, key)]
+    return (f"{cfg.host_name} (with or without a plug-in) distils with its own `[host] epochs = {epochs:g}` "
+            f"passes{' and ' + ', '.join(lora) if lora else ''} (0 = full fine-tuning).")
 
 
 def _mean_std(xs: list[float]) -> str:
