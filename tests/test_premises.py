@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lada.config import RunConfig
 from lada.data.records import example_target
 from lada.experiments import premises as pm
+from lada.hosts.common import transfer_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,9 @@ def test_noise_rule():
     assert pm.clearly_above([0.08, 0.09, 0.10], [0.03, 0.03, 0.03])
     assert not pm.clearly_above([], [])
     assert [pm.bucket_of(s) for s in (1, 2, 3, 5, 6, 7)] == ["1-2", "1-2", "3-4", "5-6", "5-6", ""]
-    assert pm.budget_steps(100, 2, 16) == 13 and pm.budget_steps(0, 2, 16) == 0
+    cfg16 = RunConfig()
+    cfg16.train.batch_size = 16
+    assert transfer_steps(cfg16, 100, 2) == 13 and transfer_steps(cfg16, 0, 2) == 0
 
 
 def _ctx(tmp_path) -> pm.Context:
@@ -43,7 +47,7 @@ def test_treated_and_control_get_the_same_steps_and_cells_resume(tmp_path):
     control = pm.run_cell(ctx, "control-client0", lambda: pm.cell_down(ctx, 0, control=True))
     own, paths = len(ctx.views["client0"].train), len(ctx._paths["server"])
     assert treated["train_examples"] == own + paths and control["train_examples"] == own
-    assert treated["train_steps"] == control["train_steps"] == pm.budget_steps(own + paths, 1.0, 8)
+    assert treated["train_steps"] == control["train_steps"] == transfer_steps(ctx.cfg, own + paths, 1.0)
     assert treated["n"] == len(ctx.views["client0"].test)
     stored = json.loads((tmp_path / "seed0" / "down-client0.json").read_text())
     assert stored["result"] == treated and stored["seconds"] >= 0
@@ -85,3 +89,10 @@ def test_summary_and_table():
     table = pm.format_tables(summary, "x.toml", [0, 1], 2)
     assert "| LLM (client domains only) | - | 5.0 ± 0.0 | 5.0 ± 0.0 | 30.0 ± 0.0 | 25.0 ± 0.0" in table
     assert "within noise" in table and "| client0 | 20.0 ± 0.0 | - | 10.0 ± 0.0 |" in table
+
+
+@pytest.mark.parametrize("epochs", [0.0, -1.0, float("nan")])
+def test_bad_epochs_are_refused_before_anything_runs(tmp_path, epochs):
+    with pytest.raises(SystemExit, match="--epochs: must be a finite number > 0"):
+        pm.main_premises(str(ROOT / "configs/tiny-test.toml"), str(tmp_path / "out"), [0], [], epochs, "base")
+    assert not (tmp_path / "out").exists()

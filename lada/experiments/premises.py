@@ -73,10 +73,6 @@ def clearly_above(diffs: list[float], ses: list[float]) -> bool:
     return True
 
 
-def budget_steps(n_examples: int, epochs: float, batch_size: int) -> int:
-    return max(1, math.ceil(epochs * n_examples / batch_size)) if n_examples else 0
-
-
 def bucket_of(steps: int) -> str:
     for lo, hi in BUCKETS:
         if lo <= steps <= hi:
@@ -181,9 +177,11 @@ def cell_base(ctx: Context, who: str) -> dict:
 
 
 def cell_down(ctx: Context, k: int, control: bool) -> dict:
+    from lada.hosts.common import transfer_steps
+
     who = f"client{k}"
     own, paths = _own_pairs(ctx, who), _pairs(_candidates(ctx, "server"))
-    steps = budget_steps(len(own) + len(paths), ctx.epochs, ctx.cfg.train.batch_size)
+    steps = transfer_steps(ctx.cfg, len(own) + len(paths), ctx.epochs)
     return _train_eval(ctx, who, own if control else own + paths, steps, ctx.seed * 101 + k,
                        f"{who} {'own only' if control else 'own + LLM paths'}")
 
@@ -193,7 +191,7 @@ def _client_domain_paths(ctx: Context) -> list[dict]:
 
 
 def cell_up(ctx: Context, control: bool) -> dict:
-    from lada.hosts.common import replay_pairs
+    from lada.hosts.common import replay_pairs, transfer_steps
 
     paths = _pairs(_client_domain_paths(ctx))
     train = ctx.views["server"].train
@@ -201,7 +199,7 @@ def cell_up(ctx: Context, control: bool) -> dict:
     # treated: the paths plus as many replayed own examples; control: own examples only
     pairs = replay_pairs(train, n, seed=ctx.seed * 31) if control else \
         paths + replay_pairs(train, len(paths), seed=ctx.seed * 31)
-    steps = budget_steps(n, ctx.epochs, ctx.cfg.train.batch_size)
+    steps = transfer_steps(ctx.cfg, n, ctx.epochs)
     return _train_eval(ctx, "server", pairs, steps, ctx.seed * 101 + 99,
                        "llm own only" if control else "llm own + client paths")
 
@@ -235,13 +233,13 @@ def cell_learn(ctx: Context, k: int, bucket: str) -> dict:
 
 def cell_central(ctx: Context, who: str) -> dict:
     """Upper bound: ``who``'s model trained on the pooled data of the federation."""
-    from lada.hosts.common import private_pairs, replay_pairs
+    from lada.hosts.common import private_pairs, replay_pairs, transfer_steps
 
     pooled = [p for k in ctx.clients for p in private_pairs(ctx.views[f"client{k}"].train)]
     pooled += private_pairs(ctx.views["server"].public)  # public questions with their gold rationales
     if who == "server":
         pooled += replay_pairs(ctx.views["server"].train, len(pooled), seed=ctx.seed * 37)
-    steps = budget_steps(len(pooled), ctx.epochs, ctx.cfg.train.batch_size)
+    steps = transfer_steps(ctx.cfg, len(pooled), ctx.epochs)
     return _train_eval(ctx, who, pooled, steps, ctx.seed * 101 + 77, f"{who} centralised")
 
 
@@ -441,6 +439,8 @@ def main_premises(config: str, out: str, seeds: list[int], overrides: list[str],
     unknown = [p for p in chosen if p not in ("base", "down", "up", "learn", "central")]
     if unknown:
         raise SystemExit(f"lada premises: --parts: unknown {unknown}; known: base, down, up, learn, central")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise SystemExit(f"lada premises: --epochs: must be a finite number > 0, got {epochs:g}")
     with registered_run():
         fit_threads()
         measure(config, out, seeds, overrides, epochs, chosen)
