@@ -105,6 +105,10 @@ class DataConfig:
     # (empty: the domain's own short-skewed mix, like the train shard).
     client_test_steps: list[int] = field(default_factory=list)
     public_domain_share: float = 0.5  # share of client-domain questions in the public set
+    # Share of each client's test set that is general problems (uniform over the
+    # client_test_steps range, else 1-6 steps) instead of its own domain: a client's
+    # users ask general questions too, and there the LLM's long chains have something to teach.
+    client_test_general_share: float = 0.0
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "source", DATA_SOURCES)
@@ -115,13 +119,15 @@ class DataConfig:
                        "server_test_size", "dirichlet_alpha")
         check_non_negative(self, where, "server_train_size")
         check_range(self, where, "public_domain_share", 0, 1)
+        check_range(self, where, "client_test_general_share", 0, 1)
         if self.client_test_steps:
             lo_hi = self.client_test_steps
             if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= 6:
                 raise ConfigError(f"{where}.client_test_steps: must be [lo, hi] with 1 <= lo <= hi <= 6 "
                                   f"(or empty), got {lo_hi!r}")
         if self.source != "synthetic":
-            for name, off in (("client_test_steps", []), ("public_domain_share", 0.5)):
+            for name, off in (("client_test_steps", []), ("public_domain_share", 0.5),
+                              ("client_test_general_share", 0.0)):
                 if getattr(self, name) != off:
                     raise ConfigError(f"{where}.{name}: only for source = 'synthetic', got source {self.source!r}")
 

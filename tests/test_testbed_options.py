@@ -1,4 +1,4 @@
-"""The synthetic testbed's options (client_test_steps, public_domain_share) and the
+"""The synthetic testbed's options (client_test_steps, client_test_general_share, public_domain_share) and the
 optional data seed: deterministic, disjoint, and without effect when off."""
 
 import hashlib
@@ -88,3 +88,35 @@ def test_grid_runs_draw_their_data_from_the_run_seed(tmp_path):
 
     cfg = method_config(__import__("pathlib").Path("configs/paper.toml"), "cot", 2, tmp_path, [])
     assert cfg.seed == 2 and cfg.data.seed == 2
+
+
+@pytest.mark.parametrize("steps", [[], [4, 6]])
+def test_client_test_general_share_replaces_part_of_each_test_set(steps):
+    base = build_synthetic(DataConfig(**SMALL, client_test_steps=steps), 0)
+    fed = build_synthetic(DataConfig(**SMALL, client_test_steps=steps, client_test_general_share=0.4), 0)
+    n = SMALL["test_per_client"]
+    n_gen = round(0.4 * n)
+    lo, hi = steps or [1, 6]
+    gen_ids = set()
+    for k, (old, new) in enumerate(zip(base.clients, fed.clients)):
+        assert [ex.id for ex in new.train] == [ex.id for ex in old.train]
+        assert len(new.test) == n
+        assert [ex.id for ex in new.test[:n - n_gen]] == [ex.id for ex in old.test[:n - n_gen]]
+        general = [ex for ex in new.test if ex.domain == "general"]
+        assert len(general) == n_gen
+        assert all(lo <= ex.num_steps <= hi for ex in general)
+        gen_ids |= {ex.id for ex in general}
+    assert len(gen_ids) == n_gen * len(fed.clients)  # no client shares a general test problem
+    everything_else = {ex.question for xs in (fed.public, fed.server_test, fed.server_train) for ex in xs}
+    everything_else |= {ex.question for c in fed.clients for ex in c.train}
+    assert not {ex.question for c in fed.clients for ex in c.test} & everything_else
+    assert [ex.id for ex in fed.public] == [ex.id for ex in base.public]
+    assert _digest(DataConfig(**SMALL, client_test_general_share=0.4), 1) != \
+        _digest(DataConfig(**SMALL, client_test_general_share=0.4), 0)
+
+
+def test_client_test_general_share_is_validated():
+    with pytest.raises(ConfigError, match="client_test_general_share"):
+        DataConfig(client_test_general_share=1.2).validate("[data]")
+    with pytest.raises(ConfigError, match="client_test_general_share"):
+        DataConfig(source="gsm8k", partition="iid", client_test_general_share=0.5).validate("[data]")

@@ -465,6 +465,15 @@ def build_synthetic(data_cfg: "DataConfig", seed: int) -> "FederatedData":
         for k, d in enumerate(doms):
             clients[k] = ClientShard(train=clients[k].train, test=_extra(
                 d, data_cfg.test_per_client, seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1)))
+    general_share = getattr(data_cfg, "client_test_general_share", 0.0)
+    if general_share:
+        # one draw for all clients (ids stay unique), dealt out in client order
+        lo, hi = test_steps or (1, 6)
+        n_gen = round(general_share * data_cfg.test_per_client)
+        drawn = _extra("general", n_gen * len(doms), seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1))
+        for k in range(len(doms)):
+            own = clients[k].test[:data_cfg.test_per_client - n_gen]
+            clients[k] = ClientShard(train=clients[k].train, test=own + drawn[k * n_gen:(k + 1) * n_gen])
     share = getattr(data_cfg, "public_domain_share", DEFAULT_PUBLIC_DOMAIN_SHARE)
     if share != DEFAULT_PUBLIC_DOMAIN_SHARE:
         sets["public"] = _public_mix(data_cfg, doms, sets["public"], share, seed, seen)

@@ -121,6 +121,11 @@ def _eval(ctx: Context, lm, who: str) -> dict:
         dom = [ok for ex, ok in zip(examples, res.correct) if ex.domain != "general"]
         out["domain_accuracy"] = sum(dom) / len(dom) if dom else float("nan")
         out["domain_n"] = len(dom)
+    by_domain: dict[str, list[bool]] = {}
+    for ex, ok in zip(examples, res.correct):
+        by_domain.setdefault(ex.domain, []).append(bool(ok))
+    if len(by_domain) > 1:  # a mixed test set (the LLM's; a client's with general_share)
+        out["by_domain"] = {d: {"accuracy": sum(v) / len(v), "n": len(v)} for d, v in sorted(by_domain.items())}
     return out
 
 
