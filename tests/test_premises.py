@@ -96,3 +96,29 @@ def test_bad_epochs_are_refused_before_anything_runs(tmp_path, epochs):
     with pytest.raises(SystemExit, match="--epochs: must be a finite number > 0"):
         pm.main_premises(str(ROOT / "configs/tiny-test.toml"), str(tmp_path / "out"), [0], [], epochs, "base")
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_client_test_sets_get_a_row_per_part_and_clients_come_from_the_cells():
+    def cell(own, gen, n=100):
+        return {"accuracy": (own + gen) / 2, "n": 2 * n,
+                "by_domain": {"shop": {"accuracy": own, "n": n}, "general": {"accuracy": gen, "n": n}}}
+    results = {s: {"base-client0": cell(0.5, 0.4), "control-client0": cell(0.6, 0.2),
+                   "down-client0": cell(0.6, 0.6)} for s in (0, 1)}
+    summary = pm.summarise(results, None)  # no context: the clients are read off the cells
+    parts = summary["client0"]["parts"]
+    assert parts["general"]["headroom"] == pytest.approx([0.4, 0.4]) and parts["general"]["headroom_clear"]
+    assert parts["shop"]["headroom"] == pytest.approx([0.0, 0.0]) and not parts["shop"]["headroom_clear"]
+    table = pm.format_tables(summary, "x.toml", [0, 1], 2)
+    assert "| client0: general part | 100 | 40.0 ± 0.0 | 20.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 (2se" in table
+    assert "| client0: shop part | 100 |" in table
+
+
+def test_slm_mean_row_combines_the_clients_noise():
+    results = {s: {f"{kind}-client{k}": {"accuracy": acc, "n": 100}
+                   for k in (0, 1) for kind, acc in (("control", 0.3), ("down", 0.3 + 0.05 * (k + 1)))}
+               for s in (0, 1)}
+    mean = pm.summarise(results, None)["slm-mean"]
+    assert mean["headroom"] == pytest.approx([0.075, 0.075])
+    se = pm.diff_se(0.35, 0.3, 100), pm.diff_se(0.4, 0.3, 100)
+    assert mean["headroom_se"][0] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2)
+    assert "| SLM mean | 200 |" in pm.format_tables(pm.summarise(results, None), "x.toml", [0, 1], 2)

@@ -269,7 +269,12 @@ def cells(ctx: Context, parts: tuple[str, ...] = ("base", "down", "up", "learn",
 
 
 def _cell_key(ctx: Context, name: str) -> str:
-    blob = json.dumps([FORMAT, name, ctx.cfg.to_dict(), ctx.seed, ctx.epochs], sort_keys=True, default=str)
+    # where the models ran (cpu, cuda) is not part of what a cell measures: cells measured
+    # on a GPU machine are reused, and summarised, anywhere
+    cfg = ctx.cfg.to_dict()
+    for model in [cfg.get("server", {}), *cfg.get("clients", [])]:
+        model.pop("device", None)
+    blob = json.dumps([FORMAT, name, cfg, ctx.seed, ctx.epochs], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -290,6 +295,7 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
     t0 = time.perf_counter()
     result = measure()
     record = {"key": key, "cell": name, "seed": ctx.seed, "seconds": round(time.perf_counter() - t0, 1),
+              "devices": sorted({m.device for m in [ctx.cfg.server, *ctx.cfg.clients]}),
               "time_by_kind": {k: round(v, 1) for k, v in timing.totals().items()}, "result": result}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -358,9 +364,13 @@ def _count(paths: list[dict], key: str) -> dict[str, int]:
 
 def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
     """Per participant: accuracies (mean over seeds), headroom with its noise, bounds."""
-    whos = ["server", *(f"client{k}" for k in (ctx.clients if ctx else []))]
+    if ctx:
+        clients = [f"client{k}" for k in ctx.clients]
+    else:  # from the cells themselves (summaries of stored measurements)
+        clients = sorted({c.split("-")[1] for r in results.values() for c in r
+                          if c.startswith(("base-client", "control-client"))}, key=lambda w: int(w[6:]))
     out: dict[str, dict] = {}
-    for who in whos:
+    for who in ["server", *clients]:
         treated = "up-server" if who == "server" else f"down-{who}"
         control = f"control-{who}"
         row: dict[str, Any] = {}
@@ -385,13 +395,54 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
                 row[f"headroom{suffix}_se"] = ses
                 row[f"headroom{suffix}_clear"] = clearly_above(diffs, ses)
         if who != "server":
+            row["parts"] = _parts(results, who, treated, control)
             for lo, hi in BUCKETS:
                 cell = f"learn-{who}-{lo}-{hi}"
                 accs = [r[cell]["accuracy"] for r in results.values() if cell in r and "accuracy" in r[cell]]
                 if accs:
                     row[f"learn_{lo}-{hi}"] = accs
         out[who] = row
+    if len(clients) > 1:
+        out["slm-mean"] = _slm_mean(out, clients)
     return out
+
+
+def _slm_mean(rows: dict[str, dict], clients: list[str]) -> dict:
+    """The clients' mean accuracy per seed (what the grid tables report as "SLM mean"); its
+    headroom's standard error combines the clients' independent ones: sqrt(sum se^2) / K."""
+    mean: dict[str, Any] = {"n": sum(rows[w].get("n", 0) for w in clients)}
+    for label in ("warmup", "control", "treated", "central"):
+        cols = [rows[w].get(label) for w in clients]
+        if all(cols) and len({len(c) for c in cols}) == 1:
+            mean[label] = [statistics.fmean(v) for v in zip(*cols)]
+    if all(rows[w].get("headroom") for w in clients) and "treated" in mean and "control" in mean:
+        mean["headroom"] = [a - b for a, b in zip(mean["treated"], mean["control"])]
+        mean["headroom_se"] = [math.sqrt(sum(x * x for x in ses)) / len(clients)
+                               for ses in zip(*(rows[w]["headroom_se"] for w in clients))]
+        mean["headroom_clear"] = clearly_above(mean["headroom"], mean["headroom_se"])
+    return mean
+
+
+def _parts(results: dict[int, dict[str, dict]], who: str, treated: str, control: str) -> dict[str, dict]:
+    """Rows per domain of a mixed client test set (own domain and general problems)."""
+    doms = sorted({d for r in results.values() if control in r for d in r[control].get("by_domain", {})})
+    parts: dict[str, dict] = {}
+    for d in doms:
+        sub: dict[str, Any] = {}
+        for label, cell in (("warmup", f"base-{who}"), ("control", control), ("treated", treated),
+                            ("central", f"central-{who}")):
+            accs = [r[cell]["by_domain"][d]["accuracy"] for r in results.values()
+                    if d in r.get(cell, {}).get("by_domain", {})]
+            if accs:
+                sub[label] = accs
+        sub["n"] = next(r[control]["by_domain"][d]["n"] for r in results.values() if control in r)
+        t, c = sub.get("treated"), sub.get("control")
+        if t and c and len(t) == len(c):
+            sub["headroom"] = [a - b for a, b in zip(t, c)]
+            sub["headroom_se"] = [diff_se(a, b, sub["n"]) for a, b in zip(t, c)]
+            sub["headroom_clear"] = clearly_above(sub["headroom"], sub["headroom_se"])
+        parts[d] = sub
+    return parts
 
 
 def _pct(xs: list[float] | None) -> str:
@@ -418,14 +469,18 @@ def format_tables(summary: dict, config: str, seeds: list[int], epochs: float) -
              "| participant | test n | warm-up | standalone (own data) | + transfer (oracle) | headroom | "
              "centralised (upper) |", "|---|---|---|---|---|---|---|"]
     for who, row in summary.items():
-        name = "LLM (all domains)" if who == "server" else who
+        name = {"server": "LLM (all domains)", "slm-mean": "SLM mean"}.get(who, who)
         lines.append(f"| {name} | {row.get('n', '-')} | {_pct(row.get('warmup'))} | {_pct(row.get('control'))} | "
                      f"{_pct(row.get('treated'))} | {_head(row)} | {_pct(row.get('central'))} |")
+        for dom, sub in row.get("parts", {}).items():
+            lines.append(f"| {name}: {dom} part | {sub.get('n', '-')} | {_pct(sub.get('warmup'))} | "
+                         f"{_pct(sub.get('control'))} | {_pct(sub.get('treated'))} | {_head(sub)} | "
+                         f"{_pct(sub.get('central'))} |")
         if who == "server" and row.get("treated_domain"):
             lines.append(f"| LLM (client domains only) | - | {_pct(row.get('warmup_domain'))} | "
                          f"{_pct(row.get('control_domain'))} | {_pct(row.get('treated_domain'))} | "
                          f"{_head(row, '_domain')} | {_pct(row.get('central_domain'))} |")
-    clients = [w for w in summary if w != "server"]
+    clients = [w for w in summary if w not in ("server", "slm-mean")]
     if any(any(k.startswith("learn_") for k in summary[w]) for w in clients):
         head = [f"LLM paths of {lo}-{hi} steps" for lo, hi in BUCKETS]
         lines += ["", "Learnability: client trained on the LLM's verified paths of one length bucket only, at an "

@@ -165,7 +165,7 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
     save_model(lm, out)
     last = stage_meta[-1] if stage_meta else {}
     return {"steps": sum(s for _, s in plan), "seconds": round(seconds, 1),
-            "final_loss": last.get("loss"), "stages": stage_meta,
+            "final_loss": last.get("loss"), "stages": stage_meta, "device": str(lm.device),
             "params": lm.num_parameters()}
 
 
