@@ -205,7 +205,8 @@ def run_centralised(cfg: RunConfig) -> Path:
         rows.append({"round": cfg.rounds, "participant": "llm" if who == "server" else f"client-{who[6:]}",
                      "accuracy": r["accuracy"], "n_test": r["n"], "train_steps": r["train_steps"],
                      "bytes_up": 0, "bytes_down": 0, "lada_bytes_up": 0, "lada_bytes_down": 0,
-                     "seconds": time.perf_counter() - t0})
+                     "seconds": time.perf_counter() - t0,
+                     **{f"acc_{d}": v["accuracy"] for d, v in r.get("by_domain", {}).items()}})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "DONE").write_text("centralised upper bound\n")
     return run_dir
@@ -239,6 +240,14 @@ def _mean_std(xs: list[float]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+def llm_domain_accuracy(row: dict) -> float | None:
+    """The LLM's accuracy on its client-domain test questions (the mean over domains of
+    ``acc_<domain>``; the synthetic test set holds equal shares), or None when its test set
+    is not split by domain. Up-transfer can only show there: docs/testbed.md, "Premises"."""
+    doms = [v for k, v in row.items() if k.startswith("acc_") and k != "acc_general" and v is not None]
+    return statistics.fmean(doms) if doms else None
+
+
 def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
     """Final-round accuracies and per-round costs of one method, over seeds."""
     finals: dict[str, list[float]] = {}
@@ -249,7 +258,9 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
         final = [r for r in final if r.get("accuracy") is not None]  # a client that failed that round has none
         for r in final:
             finals.setdefault(r["participant"], []).append(r["accuracy"])
-        slm = [r["accuracy"] for r in final if r["participant"] != "llm"]
+            if r["participant"] == "llm" and (dom := llm_domain_accuracy(r)) is not None:
+                finals.setdefault("llm-domains", []).append(dom)
+        slm = [r["accuracy"] for r in final if r["participant"] not in ("llm", "llm-domains")]
         slm_mean.append(sum(slm) / len(slm) if slm else float("nan"))
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:
@@ -269,8 +280,8 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
                  budget: str = "") -> Path:
     parts = sorted({p for rs in results.values() for rows in rs.values() for p in (r["participant"] for r in rows)
                     if p != "llm"})
-    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "host MB/round", "LaDa KB/round", "s/round",
-              "filter s/round"]
+    header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "LLM client domains", "host MB/round",
+              "LaDa KB/round", "s/round", "filter s/round"]
     lines = [f"Final-round test accuracy (%), mean ± std over seeds {seeds}; base config `{base}`.",
              *([budget] if budget else []), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -284,7 +295,7 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             f_share = f"{fs:.1f} ({100 * fs / rs:.0f}%)"
         lines.append("| " + " | ".join([
             method, *(_mean_std(s["finals"].get(p, [])) for p in parts), _mean_std(s["slm_mean"]),
-            _mean_std(s["finals"].get("llm", [])),
+            _mean_std(s["finals"].get("llm", [])), _mean_std(s["finals"].get("llm-domains", [])),
             f"{statistics.fmean(s['mb_per_round']):.2f}" if s["mb_per_round"] else "-",
             f"{statistics.fmean(s['lada_kb_per_round']):.1f}" if s["lada_kb_per_round"] else "-",
             f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] else "-", f_share]) + " |")
