@@ -24,6 +24,7 @@ from lada.schema import (ConfigError, build_dataclass, check_choice, check_non_n
 
 TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 DATA_SOURCES = ("synthetic", "gsm8k", "strategyqa", "aqua", "jsonl")
+SYNTHETIC_TASKS = ("arith", "choice")  # lada.data.synthetic.TASKS (this module stays torch- and generator-free)
 PARTITIONS = ("domain", "dirichlet", "iid")
 ENGINES = ("simulation", "deployment", "inline")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -109,6 +110,9 @@ class DataConfig:
     # client_test_steps range, else 1-6 steps) instead of its own domain: a client's
     # users ask general questions too, and there the LLM's long chains have something to teach.
     client_test_general_share: float = 0.0
+    # Synthetic task (docs/testbed.md): "arith" (number answers) or "choice" (the same
+    # chains as five-option multiple choice, answer type "option").
+    task: str = "arith"
 
     def validate(self, where: str) -> None:
         check_choice(self, where, "source", DATA_SOURCES)
@@ -125,9 +129,10 @@ class DataConfig:
             if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1] <= 6:
                 raise ConfigError(f"{where}.client_test_steps: must be [lo, hi] with 1 <= lo <= hi <= 6 "
                                   f"(or empty), got {lo_hi!r}")
+        check_choice(self, where, "task", SYNTHETIC_TASKS)
         if self.source != "synthetic":
             for name, off in (("client_test_steps", []), ("public_domain_share", 0.5),
-                              ("client_test_general_share", 0.0)):
+                              ("client_test_general_share", 0.0), ("task", "arith")):
                 if getattr(self, name) != off:
                     raise ConfigError(f"{where}.{name}: only for source = 'synthetic', got source {self.source!r}")
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from lada.data.records import ANSWER_MARKER, Example
+from lada.data.records import ANSWER_MARKER, CHOICE_LINE_RE, Example
 
 # ----------------------------------------------------------------------------- numbers
 
@@ -408,8 +408,10 @@ def _visible_result_ok(after_note: str, value_text: str) -> bool:
 class StepCheck:
     """Result of checking every calculator note in a reasoning path.
 
-    ``n_steps``: non-empty lines before the answer line; ``n_checked``: notes found;
-    ``first_wrong_line``: 1-based line number in the text of the first wrong note.
+    ``n_steps``: non-empty lines before the answer line, choice lines not counted;
+    ``n_checked``: notes (and, with options, choice lines) found; ``first_wrong_line``:
+    1-based line number in the text of the first wrong one; ``choice``: the letter of
+    the last checked choice line, if any.
     """
 
     n_steps: int
@@ -417,14 +419,30 @@ class StepCheck:
     n_wrong: int
     all_ok: bool
     first_wrong_line: int | None
+    choice: str | None = None
 
 
-def check_steps(text: str) -> StepCheck:
+def _choice_ok(value: str, letter: str, options: tuple[str, ...] | list[str], last_result: str | None) -> bool:
+    """A choice line ``<value> is option <L>`` is right when option L exists and its text is
+    that value, and the value is the result of the last calculator note before it (if any)."""
+    idx = _option_letters(options).find(letter)
+    if idx < 0:
+        return False
+    body = canonical_number(option_body(options[idx]))
+    if body is None or not numbers_equal(value, body):
+        return False
+    return last_result is None or numbers_equal(value, last_result)
+
+
+def check_steps(text: str, options: tuple[str, ...] | list[str] = ()) -> StepCheck:
     """Check every ``<<expr=value>>`` note before the (last) answer line.
 
     A note is wrong if its expression does not evaluate to its value, if it cannot be
     parsed, if the number written right after it differs from its value, or if a ``<<``
-    is never closed on its line (a truncated note).
+    is never closed on its line (a truncated note). With the question's ``options``, a
+    choice line (``10 is option B``) is checked too: option B must be 10, 10 must be the
+    last note's result, and the answer line must name the same option as the last choice
+    line (a mismatch counts against that line).
     """
     if not isinstance(text, str):
         return StepCheck(0, 0, 0, True, None)
@@ -433,16 +451,26 @@ def check_steps(text: str) -> StepCheck:
     end = marker_lines[-1] if marker_lines else len(lines)
     n_steps = n_checked = n_wrong = 0
     first_wrong: int | None = None
+    last_result: str | None = None  # canonical value of the last well-formed note so far
+    choice: tuple[int, str] | None = None  # (line index, letter) of the last choice line
     for i, line in enumerate(lines[:end]):
         if ANSWER_MARKER in line or not line.strip():
             continue
-        n_steps += 1
         wrong = 0
+        m_choice = CHOICE_LINE_RE.match(line)
+        if m_choice and options:
+            n_checked += 1
+            value = canonical_number(m_choice.group(1)) or ""
+            wrong += not _choice_ok(value, m_choice.group(2), options, last_result)
+            choice = (i, m_choice.group(2))
+        elif not m_choice:
+            n_steps += 1
         for m in _NOTE_RE.finditer(line):
             n_checked += 1
             ok = check_note(m.group(1))
             if ok:  # the visible result right after the note must repeat its value
                 ok = _visible_result_ok(line[m.end():], m.group(1).split("=")[1])
+                last_result = canonical_number(m.group(1).split("=")[1])
             wrong += not ok
         unclosed = _NOTE_RE.sub("", line).count("<<")
         n_checked += unclosed
@@ -450,9 +478,20 @@ def check_steps(text: str) -> StepCheck:
         if wrong and first_wrong is None:
             first_wrong = i + 1
         n_wrong += wrong
-    return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong)
+    if choice is not None and marker_lines and extract_answer(text, "option", options) != choice[1]:
+        n_wrong += 1
+        first_wrong = choice[0] + 1 if first_wrong is None else min(first_wrong, choice[0] + 1)
+    return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong, choice[1] if choice else None)
 
 
 def verify_path(text: str, example: Example) -> bool:
-    """A reasoning path is verified when its answer is right and every calculator step is right."""
-    return is_correct(text, example.answer, example.answer_type, example.options) and check_steps(text).all_ok
+    """A reasoning path is verified when its answer is right and every calculator step is
+    right. When the gold rationale ends on a choice line (the synthetic choice task), the
+    path must state its choice line too, so a right letter after a wrong chain is not verified."""
+    if not is_correct(text, example.answer, example.answer_type, example.options):
+        return False
+    steps = check_steps(text, example.options)
+    if not steps.all_ok:
+        return False
+    needs_choice = bool(example.options) and any(CHOICE_LINE_RE.match(line) for line in example.rationale.splitlines())
+    return steps.choice is not None or not needs_choice

@@ -6,6 +6,7 @@ one model can be scored or learned by any other with its own tokenizer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -16,6 +17,12 @@ ANSWER_TYPES: tuple[str, ...] = ("number", "option", "yesno")
 
 # The answer line marker (GSM8K style). Generation stops after the line that holds it.
 ANSWER_MARKER = "####"
+
+# A choice line, "<value> is option <L>": the last rationale line of the synthetic
+# choice task (docs/testbed.md), naming the option whose value the chain reached. It
+# links the calculator steps to the answer letter (lada.data.answers.check_steps checks
+# it); it is not a reasoning step of its own.
+CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+is option\s+([A-Z])\s*$")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class Example:
 
     @property
     def num_steps(self) -> int:
-        return sum(1 for line in self.rationale.splitlines() if line.strip())
+        return sum(1 for line in self.rationale.splitlines() if line.strip() and not CHOICE_LINE_RE.match(line))
 
     def to_dict(self) -> dict:
         d = asdict(self)

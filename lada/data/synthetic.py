@@ -17,6 +17,9 @@ Domains
     in the rationales of that domain's problems.
 
 Everything is deterministic by seed (``random.Random`` seeded from a string).
+
+``[data] task = "choice"`` asks the same problems as five-option multiple choice
+(``lada.data.synthetic_choice``); the default ``"arith"`` is the number-answer task.
 """
 
 from __future__ import annotations
@@ -337,13 +340,16 @@ def _step_counts(dom: Domain, n: int, min_steps: int, max_steps: int,
 
 
 def generate(domain: str, n: int, seed: int, min_steps: int = 1, max_steps: int = 6,
-             step_weights: Sequence[float] | None = None, exclude: set[str] | None = None) -> list[Example]:
+             step_weights: Sequence[float] | None = None, exclude: set[str] | None = None,
+             task: str = "arith") -> list[Example]:
     """``n`` distinct problems of one domain, deterministic by (domain, n, seed, steps).
 
     ``step_weights`` (one weight per step count in min..max) overrides the domain's
     default distribution (general: uniform; client domains: skewed towards short).
     Questions already in ``exclude`` are skipped, so callers can keep sets disjoint.
+    ``task = "choice"``: the same problems as multiple choice (``lada.data.synthetic_choice``).
     """
+    check_task(task)
     dom = _domain(domain)
     rng = random.Random(f"lada-synthetic/{domain}/{seed}/{min_steps}-{max_steps}")
     seen = set(exclude or ())
@@ -359,7 +365,24 @@ def generate(domain: str, n: int, seed: int, min_steps: int = 1, max_steps: int 
         seen.add(question)
         out.append(Example(id=f"syn-{domain}-{seed}-{len(out)}", question=question, rationale=rationale,
                            answer=str(answer), answer_type="number", domain=domain, source="synthetic"))
+    if task == "choice":
+        from lada.data.synthetic_choice import to_choice  # it builds on this module
+
+        out = [to_choice(ex) for ex in out]
     return out
+
+
+TASKS = ("arith", "choice")  # [data] task: number answers, or the same chains as options A-E
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {list(TASKS)}")
+
+
+def example_id(task: str, domain: str, seed: int, suffix: str) -> str:
+    """``syn-<domain>-<seed>-<suffix>`` (arith) or ``syn-<task>-<domain>-...`` (other tasks)."""
+    return f"syn-{domain}-{seed}-{suffix}" if task == "arith" else f"syn-{task}-{domain}-{seed}-{suffix}"
 
 
 # ----------------------------------------------------------------------------- federation
@@ -435,7 +458,8 @@ def build_synthetic(data_cfg: "DataConfig", seed: int) -> "FederatedData":
             need[d] += n
     for d in doms:
         need[d] += data_cfg.train_per_client + data_cfg.test_per_client
-    pools = {d: generate(d, n, seed) for d, n in need.items()}
+    task = getattr(data_cfg, "task", "arith")
+    pools = {d: generate(d, n, seed, task=task) for d, n in need.items()}
     cursor = {d: 0 for d in pools}
 
     def take(d: str, n: int) -> list[Example]:
@@ -464,13 +488,13 @@ def build_synthetic(data_cfg: "DataConfig", seed: int) -> "FederatedData":
         lo, hi = test_steps
         for k, d in enumerate(doms):
             clients[k] = ClientShard(train=clients[k].train, test=_extra(
-                d, data_cfg.test_per_client, seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1)))
+                d, data_cfg.test_per_client, seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1), task))
     general_share = getattr(data_cfg, "client_test_general_share", 0.0)
     if general_share:
         # one draw for all clients (ids stay unique), dealt out in client order
         lo, hi = test_steps or (1, 6)
         n_gen = round(general_share * data_cfg.test_per_client)
-        drawn = _extra("general", n_gen * len(doms), seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1))
+        drawn = _extra("general", n_gen * len(doms), seed, "test", seen, lo, hi, [1.0] * (hi - lo + 1), task)
         for k in range(len(doms)):
             own = clients[k].test[:data_cfg.test_per_client - n_gen]
             clients[k] = ClientShard(train=clients[k].train, test=own + drawn[k * n_gen:(k + 1) * n_gen])
@@ -487,13 +511,14 @@ DEFAULT_PUBLIC_DOMAIN_SHARE = 0.5  # half of the public set is general, half cli
 
 
 def _extra(domain: str, n: int, seed: int, tag: str, seen: set[str], lo: int = 1, hi: int = 6,
-           weights: Sequence[float] | None = None) -> list[Example]:
+           weights: Sequence[float] | None = None, task: str = "arith") -> list[Example]:
     """``n`` fresh problems of ``domain`` for a testbed option, from a stream of their own
     (ids ``syn-<domain>-<seed>-<tag><i>``), none repeating a question in ``seen`` (which
     grows by what is drawn)."""
     stream = {"test": 4_000_037, "public": 5_000_011}[tag] + seed
-    out = [dataclasses.replace(ex, id=f"syn-{domain}-{seed}-{tag}{i}")
-           for i, ex in enumerate(generate(domain, n, stream, lo, hi, step_weights=weights, exclude=seen))]
+    out = [dataclasses.replace(ex, id=example_id(task, domain, seed, f"{tag}{i}"))
+           for i, ex in enumerate(generate(domain, n, stream, lo, hi, step_weights=weights, exclude=seen,
+                                           task=task))]
     seen.update(ex.question for ex in out)
     return out
 
@@ -511,7 +536,8 @@ def _public_mix(data_cfg: "DataConfig", doms: list[str], public: list[Example], 
     out: list[Example] = []
     for d, n in want.items():
         have = by_domain.get(d, [])[:n]
-        out += have + (_extra(d, n - len(have), seed, "public", seen) if n > len(have) else [])
+        out += have + (_extra(d, n - len(have), seed, "public", seen,
+                              task=getattr(data_cfg, "task", "arith")) if n > len(have) else [])
     return out
 
 
@@ -526,15 +552,16 @@ def tokenizer_corpus(data_cfg: "DataConfig", seed: int, per_domain: int = 400) -
     rare words still get tokens.
     """
     stream = seed + 1_000_003  # a seed the federation's own draws never use
+    task = getattr(data_cfg, "task", "arith")  # the choice task adds options and choice lines
     texts: list[str] = []
-    for ex in generate("general", per_domain, stream):
+    for ex in generate("general", per_domain, stream, task=task):
         texts.append(example_prompt(ex) + example_target(ex))
     for name in CLIENT_DOMAINS:
-        for ex in generate(name, per_domain, stream):
+        for ex in generate(name, per_domain, stream, task=task):
             texts.append(example_prompt(ex))
     generated = [d for d in client_domains(data_cfg) if d not in DOMAINS]
     for name in generated:  # only configs that use generated domains see these texts
-        for ex in generate(name, per_domain // 4, stream):
+        for ex in generate(name, per_domain // 4, stream, task=task):
             texts.append(example_prompt(ex))
     words: set[str] = set(NAMES)
     for dom in [*_ALL, *(generated_domain(generated_index(d)) for d in generated)]:

@@ -242,8 +242,9 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
 
     seen = {ex.question for xs in fed.named_sets().values() for ex in xs}
     stream = cfg.data.seed + 2_000_003  # a seed no federation set is drawn from
-    sets = {"general 1-3": generate("general", n, stream, 1, 3, step_weights=[1, 1, 1], exclude=seen),
-            "general 4-6": generate("general", n, stream, 4, 6, step_weights=[1, 1, 1], exclude=seen)}
+    task = cfg.data.task
+    sets = {"general 1-3": generate("general", n, stream, 1, 3, step_weights=[1, 1, 1], exclude=seen, task=task),
+            "general 4-6": generate("general", n, stream, 4, 6, step_weights=[1, 1, 1], exclude=seen, task=task)}
     for k, shard in enumerate(fed.clients):
         sets[_client_domain(cfg, k)] = list(shard.test)
     return sets

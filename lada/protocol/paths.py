@@ -52,7 +52,7 @@ def sample_paths_verified(cfg: "RunConfig", lm: "LoadedModel", examples: list[Ex
             if not text.strip() or text in seen:
                 continue
             seen.add(text)
-            ok = verify_path(text, ex) if check_steps_too else is_correct(text, ex.answer, ex.answer_type)
+            ok = verify_path(text, ex) if check_steps_too else is_correct(text, ex.answer, ex.answer_type, ex.options)
             if ok or keep_wrong:
                 kept.append((ex, prompt, text, bool(ok)))
     if not kept:
