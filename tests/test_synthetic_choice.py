@@ -14,7 +14,7 @@ from lada.data.answers import check_steps, is_correct, verify_path
 from lada.data.records import example_prompt, example_target
 from lada.data.split import data_fingerprint
 from lada.data.synthetic import TASKS, build_synthetic, generate, tokenizer_corpus
-from lada.data.synthetic_choice import LETTERS
+from lada.data.synthetic import CHOICE_LETTERS as LETTERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = dict(seed=0, train_per_client=40, test_per_client=20, public_size=30, server_test_size=20,
