@@ -122,3 +122,20 @@ def test_slm_mean_row_combines_the_clients_noise():
     se = pm.diff_se(0.35, 0.3, 100), pm.diff_se(0.4, 0.3, 100)
     assert mean["headroom_se"][0] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2)
     assert "| SLM mean | 200 |" in pm.format_tables(pm.summarise(results, None), "x.toml", [0, 1], 2)
+
+
+def test_stored_cells_survive_new_options_at_their_default_but_not_real_changes():
+    from lada.config import load_config
+
+    cfg = load_config(ROOT / "configs/tiny-test.toml")
+    stored = pm._cell_config(cfg)
+    assert pm.config_matches(stored, cfg)
+    older = json.loads(json.dumps(stored))
+    del older["data"]["client_test_general_share"]  # measured before this option existed
+    assert pm.config_matches(older, cfg)
+    assert not pm.config_matches(older, load_config(ROOT / "configs/tiny-test.toml",
+                                                    ["data.client_test_general_share=0.5"]))
+    assert not pm.config_matches(stored, load_config(ROOT / "configs/tiny-test.toml", ["train.lr=0.5"]))
+    assert pm.config_matches(stored, load_config(ROOT / "configs/tiny-test.toml", ["server.device=cuda"]))
+    older["data"]["gone_option"] = 1  # an option that no longer exists: measured under other rules
+    assert not pm.config_matches(older, cfg)

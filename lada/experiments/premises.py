@@ -268,14 +268,61 @@ def cells(ctx: Context, parts: tuple[str, ...] = ("base", "down", "up", "learn",
     return out
 
 
-def _cell_key(ctx: Context, name: str) -> str:
-    # where the models ran (cpu, cuda) is not part of what a cell measures: cells measured
-    # on a GPU machine are reused, and summarised, anywhere
-    cfg = ctx.cfg.to_dict()
-    for model in [cfg.get("server", {}), *cfg.get("clients", [])]:
+def _cell_config(cfg: RunConfig) -> dict:
+    """The config as a cell records it. Where the models ran (cpu, cuda) is not part of
+    what a cell measures: cells measured on a GPU machine are reused, and summarised,
+    anywhere."""
+    d = cfg.to_dict()
+    for model in [d.get("server", {}), *d.get("clients", [])]:
         model.pop("device", None)
-    blob = json.dumps([FORMAT, name, cfg, ctx.seed, ctx.epochs], sort_keys=True, default=str)
+    return d
+
+
+def _cell_key(ctx: Context, name: str) -> str:
+    blob = json.dumps([FORMAT, name, _cell_config(ctx.cfg), ctx.seed, ctx.epochs], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_UNSET = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _UNSET
+
+
+def config_matches(stored: Any, current: Any) -> bool:
+    """Whether a cell measured under the ``stored`` config (a dict, as ``_cell_config``
+    wrote it) holds for the ``current`` one (a config object). A field the stored config
+    lacks (an option added since) matches only where the current value is its default,
+    so a new option at its default does not invalidate earlier measurements, while any
+    explicit difference does."""
+    if dataclasses.is_dataclass(current):
+        if not isinstance(stored, dict):
+            return False
+        names = {f.name for f in dataclasses.fields(current)}
+        if set(stored) - names:  # a field that no longer exists
+            return False
+        for f in dataclasses.fields(current):
+            if f.name in ("source_file", "device"):
+                continue
+            value = getattr(current, f.name)
+            if f.name in stored:
+                if not config_matches(stored[f.name], value):
+                    return False
+            elif _field_default(f) is _UNSET or value != _field_default(f):
+                return False
+        return True
+    if isinstance(current, (list, tuple)):
+        return isinstance(stored, list) and len(stored) == len(current) and \
+            all(config_matches(a, b) for a, b in zip(stored, current))
+    if isinstance(current, dict):
+        return isinstance(stored, dict) and set(stored) == set(current) and \
+            all(config_matches(stored[k], current[k]) for k in current)
+    return json.loads(json.dumps(current, default=str)) == stored
 
 
 def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable[[str], None] | None = None) -> dict:
@@ -287,7 +334,9 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
-            if stored.get("key") == key:
+            if stored.get("key") == key or (stored.get("cell") == name and stored.get("seed") == ctx.seed
+                                            and stored.get("epochs") == ctx.epochs and stored.get("format") == FORMAT
+                                            and config_matches(stored.get("config"), ctx.cfg)):
                 return stored["result"]
         except (OSError, ValueError):
             pass
@@ -296,6 +345,7 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
     result = measure()
     record = {"key": key, "cell": name, "seed": ctx.seed, "seconds": round(time.perf_counter() - t0, 1),
               "devices": sorted({m.device for m in [ctx.cfg.server, *ctx.cfg.clients]}),
+              "format": FORMAT, "epochs": ctx.epochs, "config": _cell_config(ctx.cfg),
               "time_by_kind": {k: round(v, 1) for k, v in timing.totals().items()}, "result": result}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
