@@ -421,3 +421,46 @@ def dump_toml(d: dict) -> str:
 
 def _is_table_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+_UNSET = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _UNSET
+
+
+def config_matches(stored: Any, current: Any) -> bool:
+    """Whether a result made under the ``stored`` config (a dict, as ``to_dict`` wrote it,
+    or read back from a run's config.toml) holds for the ``current`` one (a config
+    object), so that a stored measurement or run may be reused. A field the stored config
+    lacks (an option added since) matches only where the current value is its default,
+    so a new option at its default does not invalidate earlier results, while any
+    explicit difference does. Where models ran (``device``) is not compared."""
+    if dataclasses.is_dataclass(current):
+        if not isinstance(stored, dict):
+            return False
+        names = {f.name for f in dataclasses.fields(current)}
+        if set(stored) - names:  # a field that no longer exists
+            return False
+        for f in dataclasses.fields(current):
+            if f.name in ("source_file", "device"):
+                continue
+            value = getattr(current, f.name)
+            if f.name in stored:
+                if not config_matches(stored[f.name], value):
+                    return False
+            elif _field_default(f) is _UNSET or value != _field_default(f):
+                return False
+        return True
+    if isinstance(current, (list, tuple)):
+        return isinstance(stored, list) and len(stored) == len(current) and \
+            all(config_matches(a, b) for a, b in zip(stored, current))
+    if isinstance(current, dict):
+        return isinstance(stored, dict) and set(stored) == set(current) and \
+            all(config_matches(stored[k], current[k]) for k in current)
+    return json.loads(json.dumps(current, default=str)) == stored

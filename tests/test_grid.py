@@ -119,3 +119,21 @@ def test_hosts_with_their_own_training_form_say_so_in_the_budget():
     note = host_budget_note(method_config(ROOT / "configs/default.toml", "fedmkt+lada", 0, Path("out"), []))
     assert "`[host] epochs = 1` passes" in note and "lora_r = 8" in note and "llm_lora_r = 8" in note
     assert host_budget_note(method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), [])) == ""
+
+
+@pytest.mark.parametrize("config", ["tiny-test", "default", "paper"])
+def test_finished_runs_are_reused_across_added_options_but_not_changes(tmp_path, config):
+    from lada.experiments.grid import _same_config
+
+    cfg = method_config(ROOT / f"configs/{config}.toml", "cot+lada", 1, tmp_path, [])
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    assert _same_config(path, cfg)  # what the runner writes reads back as the same config
+    older = "\n".join(ln for ln in cfg.to_toml().splitlines() if not ln.startswith("task = "))
+    path.write_text(older)  # a run made before that option existed
+    assert _same_config(path, cfg)
+    assert not _same_config(path, method_config(ROOT / f"configs/{config}.toml", "cot+lada", 1, tmp_path,
+                                                ["train.lr=0.123"]))
+    assert not _same_config(path, method_config(ROOT / f"configs/{config}.toml", "cot", 1, tmp_path, []))
+    path.write_text("not toml [")
+    assert not _same_config(path, cfg)

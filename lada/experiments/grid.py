@@ -15,11 +15,12 @@ import json
 import logging
 import statistics
 import time
+import tomllib
 from pathlib import Path
 from typing import Callable
 
 from lada import registry
-from lada.config import ConfigError, RunConfig, apply_override, load_config
+from lada.config import ConfigError, RunConfig, apply_override, config_matches, load_config
 from lada.experiments.report import read_metrics
 from lada.experiments.runner import run
 
@@ -156,6 +157,15 @@ def parse_methods(spec: str, base_host: str | None = None) -> list[str]:
     return names
 
 
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """A finished run is reused when its config matches (an option added since counts as
+    matching at its default), so a grid resumed after an upgrade does not start over."""
+    try:
+        return config_matches(tomllib.loads(path.read_text()), cfg)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
              overrides: list[str] | None = None) -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed."""
@@ -170,7 +180,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
         host_notes.setdefault(cfg.host_name, host_budget_note(cfg))
         cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
-        if (run_dir / "DONE").exists() and (run_dir / "config.toml").read_text() == cfg.to_toml():
+        if (run_dir / "DONE").exists() and _same_config(run_dir / "config.toml", cfg):
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
         elif method == CENTRALISED:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lada.config import RunConfig, load_config
+from lada.config import RunConfig, config_matches, load_config
 
 BUCKETS = ((1, 2), (3, 4), (5, 6))  # learnability: LLM paths by their number of steps
 FORMAT = 1  # bump when a cell's meaning changes, so old cells are not reused
@@ -283,46 +283,6 @@ def _cell_key(ctx: Context, name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_UNSET = object()
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return _UNSET
-
-
-def config_matches(stored: Any, current: Any) -> bool:
-    """Whether a cell measured under the ``stored`` config (a dict, as ``_cell_config``
-    wrote it) holds for the ``current`` one (a config object). A field the stored config
-    lacks (an option added since) matches only where the current value is its default,
-    so a new option at its default does not invalidate earlier measurements, while any
-    explicit difference does."""
-    if dataclasses.is_dataclass(current):
-        if not isinstance(stored, dict):
-            return False
-        names = {f.name for f in dataclasses.fields(current)}
-        if set(stored) - names:  # a field that no longer exists
-            return False
-        for f in dataclasses.fields(current):
-            if f.name in ("source_file", "device"):
-                continue
-            value = getattr(current, f.name)
-            if f.name in stored:
-                if not config_matches(stored[f.name], value):
-                    return False
-            elif _field_default(f) is _UNSET or value != _field_default(f):
-                return False
-        return True
-    if isinstance(current, (list, tuple)):
-        return isinstance(stored, list) and len(stored) == len(current) and \
-            all(config_matches(a, b) for a, b in zip(stored, current))
-    if isinstance(current, dict):
-        return isinstance(stored, dict) and set(stored) == set(current) and \
-            all(config_matches(stored[k], current[k]) for k in current)
-    return json.loads(json.dumps(current, default=str)) == stored
 
 
 def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable[[str], None] | None = None) -> dict:
