@@ -137,3 +137,28 @@ def test_finished_runs_are_reused_across_added_options_but_not_changes(tmp_path,
     assert not _same_config(path, method_config(ROOT / f"configs/{config}.toml", "cot", 1, tmp_path, []))
     path.write_text("not toml [")
     assert not _same_config(path, cfg)
+
+
+def test_an_interrupted_run_is_resumed_after_its_committed_round_not_started_over(tmp_path, monkeypatch):
+    import lada.experiments.grid as grid
+    from lada.protocol.commit import write_commit
+
+    cfg = method_config(ROOT / "configs/tiny-test.toml", "cot", 0, tmp_path, [])
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    calls = []
+
+    def finish(run_dir, engine=None):
+        calls.append(("resume", Path(run_dir)))
+        (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(0.0)))
+        (Path(run_dir) / "DONE").write_text("done\n")
+
+    monkeypatch.setattr(grid, "resume", finish)
+    monkeypatch.setattr(grid, "run", lambda cfg, **kw: calls.append(("run", cfg.run_dir)))
+    monkeypatch.setattr(grid, "plot_grid", lambda results, out: out)
+    write_commit(run_dir, {"run_id": "x", "round": 1, "clients": {}})
+    grid.run_grid(ROOT / "configs/tiny-test.toml", ["cot"], [0], tmp_path)
+    assert calls == [("resume", run_dir)]
+    grid.run_grid(ROOT / "configs/tiny-test.toml", ["cot"], [0], tmp_path)  # now finished: reused
+    assert calls == [("resume", run_dir)]

@@ -5,7 +5,8 @@ accuracy per round per method.
 A method is a name that says which host, plug-in and ablations to run (see
 ``apply_method``); host and plug-in names come from ``lada.registry`` and what a host
 can do from its declared ``Capabilities``, so this module names no host. Finished runs
-(their DONE marker) are reused, so an interrupted grid resumes where it stopped.
+(their DONE marker) are reused and an interrupted run continues after its last committed
+round, so a grid can be stopped and resumed any number of times.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Callable
 from lada import registry
 from lada.config import ConfigError, RunConfig, apply_override, config_matches, load_config
 from lada.experiments.report import read_metrics
-from lada.experiments.runner import run
+from lada.experiments.runner import resume, run
+from lada.protocol.commit import read_commit
 
 log = logging.getLogger("lada.grid")
 
@@ -166,6 +168,14 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
         return False
 
 
+def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
+    """An interrupted run of this very config with a committed round: the grid continues
+    it after that round (``lada run --resume``; the result equals an unbroken run's)
+    instead of starting it over, so a grid of long runs can be stopped at any time."""
+    return not (run_dir / "DONE").exists() and read_commit(run_dir) is not None \
+        and _same_config(run_dir / "config.toml", cfg)
+
+
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
              overrides: list[str] | None = None) -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed."""
@@ -185,6 +195,10 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
         elif method == CENTRALISED:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run_centralised(cfg)
+        elif _resumable(run_dir, cfg):
+            log.info("[%d/%d] %s seed %d: resuming %s after round %d", i, total, method, seed, run_dir,
+                     read_commit(run_dir)["round"])
+            resume(run_dir, engine=engine)
         else:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
