@@ -424,6 +424,8 @@ def _is_table_list(v: Any) -> bool:
 
 
 _UNSET = object()
+# Fields that say where a result was made or stored, not what it measures.
+_WHERE_NOT_WHAT = ("source_file", "device", "run_dir", "cache_dir")
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -440,7 +442,8 @@ def config_matches(stored: Any, current: Any) -> bool:
     object), so that a stored measurement or run may be reused. A field the stored config
     lacks (an option added since) matches only where the current value is its default,
     so a new option at its default does not invalidate earlier results, while any
-    explicit difference does. Where models ran (``device``) is not compared."""
+    explicit difference does. Where models ran and where results are stored (``device``,
+    ``run_dir``, ``cache_dir``) are not compared."""
     if dataclasses.is_dataclass(current):
         if not isinstance(stored, dict):
             return False
@@ -448,7 +451,7 @@ def config_matches(stored: Any, current: Any) -> bool:
         if set(stored) - names:  # a field that no longer exists
             return False
         for f in dataclasses.fields(current):
-            if f.name in ("source_file", "device"):
+            if f.name in _WHERE_NOT_WHAT:
                 continue
             value = getattr(current, f.name)
             if f.name in stored:

@@ -129,6 +129,8 @@ def test_finished_runs_are_reused_across_added_options_but_not_changes(tmp_path,
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml())
     assert _same_config(path, cfg)  # what the runner writes reads back as the same config
+    moved = method_config(ROOT / f"configs/{config}.toml", "cot+lada", 1, tmp_path / "elsewhere", [])
+    assert _same_config(path, moved)  # runs copied to another folder (results/) are still found
     older = "\n".join(ln for ln in cfg.to_toml().splitlines() if not ln.startswith("task = "))
     path.write_text(older)  # a run made before that option existed
     assert _same_config(path, cfg)
