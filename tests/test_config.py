@@ -72,12 +72,41 @@ def test_overrides_apply_nested_and_indexed_keys(tmp_path):
         apply_override({}, "novalue")
 
 
-def test_shipped_configs_validate():
-    for name in sorted(str(p) for p in Path("configs").glob("*.toml")):
-        cfg = load_config(name)
-        assert len(cfg.clients) == cfg.data.num_clients
-        # heterogeneous: as many model families as clients, up to the three tiny families
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.toml"))
+SCENARIOS = sorted(CONFIGS.glob("scenario-*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert len(cfg.clients) == cfg.data.num_clients
+    if path.stem == "scenario-homogeneous":  # one family, size and vocabulary for every client
+        assert len({(c.name, c.hidden_size, c.num_layers, c.num_heads, c.vocab_size) for c in cfg.clients}) == 1
+    else:  # heterogeneous: as many model families as clients, up to the three tiny families
         assert len({c.name for c in cfg.clients}) == min(3, len(cfg.clients)), "default clients must be heterogeneous"
+
+
+def test_three_scenarios_ship_beside_the_paper_config():
+    assert {"scenario-homogeneous", "scenario-large-gap", "scenario-small-gap"} <= {p.stem for p in SCENARIOS}
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_a_scenario_is_the_paper_config_but_for_its_models(path):
+    """Same protocol and frozen testbed design as configs/paper.toml (its [data] section,
+    data seed unset, rounds, host, training); only the name and the models differ."""
+    paper = tomllib.loads((CONFIGS / "paper.toml").read_text())
+    scen = tomllib.loads(path.read_text())
+    assert scen.keys() == paper.keys()
+    for key in paper.keys() - {"name", "server", "clients"}:
+        assert scen[key] == paper[key], key
+    assert "seed" not in scen["data"] and load_config(path, ["seed=2"]).data.seed == 2
+    assert scen["server"] != paper["server"] or scen["clients"] != paper["clients"]
+    # the server stays the larger model: wider or deeper than every client
+    server = scen["server"]
+    for c in scen["clients"]:
+        assert server["hidden_size"] >= c["hidden_size"] and server["num_layers"] >= c["num_layers"]
+        assert (server["hidden_size"], server["num_layers"]) != (c["hidden_size"], c["num_layers"])
 
 
 def test_build_dataclass_rejects_non_table():
