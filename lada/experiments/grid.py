@@ -284,7 +284,7 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
             finals.setdefault(r["participant"], []).append(r["accuracy"])
             if r["participant"] == "llm" and (dom := llm_domain_accuracy(r)) is not None:
                 finals.setdefault("llm-domains", []).append(dom)
-        slm = [r["accuracy"] for r in final if r["participant"] not in ("llm", "llm-domains")]
+        slm = [r["accuracy"] for r in final if r["participant"] != "llm"]
         slm_mean.append(sum(slm) / len(slm) if slm else float("nan"))
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:

@@ -117,13 +117,13 @@ def _eval(ctx: Context, lm, who: str) -> dict:
     examples = ctx.test_set(who)
     res = evaluate(lm, examples, ctx.cfg.generation, progress=False)
     out = {"accuracy": res.accuracy, "n": res.n, "by_steps": {str(k): v for k, v in res.by_steps.items()}}
-    if who == "server":  # the LLM's test set mixes general and every client domain
-        dom = [ok for ex, ok in zip(examples, res.correct) if ex.domain != "general"]
-        out["domain_accuracy"] = sum(dom) / len(dom) if dom else float("nan")
-        out["domain_n"] = len(dom)
     by_domain: dict[str, list[bool]] = {}
     for ex, ok in zip(examples, res.correct):
         by_domain.setdefault(ex.domain, []).append(bool(ok))
+    if who == "server":  # the LLM's test set mixes general and every client domain
+        dom = [ok for d, oks in by_domain.items() if d != "general" for ok in oks]
+        out["domain_accuracy"] = sum(dom) / len(dom) if dom else float("nan")
+        out["domain_n"] = len(dom)
     if len(by_domain) > 1:  # a mixed test set (the LLM's; a client's with general_share)
         out["by_domain"] = {d: {"accuracy": sum(v) / len(v), "n": len(v)} for d, v in sorted(by_domain.items())}
     return out
@@ -384,8 +384,7 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
         treated = "up-server" if who == "server" else f"down-{who}"
         control = f"control-{who}"
         row: dict[str, Any] = {}
-        for label, cell in (("warmup", f"base-{who}"), ("control", control), ("treated", treated),
-                            ("central", f"central-{who}")):
+        for label, cell in _row_cells(who, treated, control):
             accs = [r[cell]["accuracy"] for r in results.values() if cell in r and "accuracy" in r[cell]]
             if accs:
                 row[label] = accs
@@ -395,15 +394,9 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
                     row[f"{label}_domain"] = doms
         n = next((r[control]["n"] for r in results.values() if control in r), 0)
         row["n"] = n
-        for suffix in ("", "_domain") if who == "server" else ("",):
-            t, c = row.get(f"treated{suffix}"), row.get(f"control{suffix}")
-            if t and c:
-                nn = n if not suffix else next(r[control]["domain_n"] for r in results.values() if control in r)
-                diffs = [a - b for a, b in zip(t, c)]
-                ses = [diff_se(a, b, nn) for a, b in zip(t, c)]
-                row[f"headroom{suffix}"] = diffs
-                row[f"headroom{suffix}_se"] = ses
-                row[f"headroom{suffix}_clear"] = clearly_above(diffs, ses)
+        _add_headroom(row, n)
+        if who == "server" and row.get("treated_domain") and row.get("control_domain"):
+            _add_headroom(row, next(r[control]["domain_n"] for r in results.values() if control in r), "_domain")
         if who != "server":
             row["parts"] = _parts(results, who, treated, control)
             for lo, hi in BUCKETS:
@@ -415,6 +408,20 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
     if len(clients) > 1:
         out["slm-mean"] = _slm_mean(out, clients)
     return out
+
+
+def _row_cells(who: str, treated: str, control: str) -> tuple[tuple[str, str], ...]:
+    """(label, cell name) of the columns of a participant's row."""
+    return (("warmup", f"base-{who}"), ("control", control), ("treated", treated), ("central", f"central-{who}"))
+
+
+def _add_headroom(row: dict, n: int, suffix: str = "") -> None:
+    """treated - control per seed, its binomial noise on ``n`` problems and the verdict."""
+    t, c = row.get(f"treated{suffix}"), row.get(f"control{suffix}")
+    if t and c:
+        row[f"headroom{suffix}"] = [a - b for a, b in zip(t, c)]
+        row[f"headroom{suffix}_se"] = [diff_se(a, b, n) for a, b in zip(t, c)]
+        row[f"headroom{suffix}_clear"] = clearly_above(row[f"headroom{suffix}"], row[f"headroom{suffix}_se"])
 
 
 def _slm_mean(rows: dict[str, dict], clients: list[str]) -> dict:
@@ -439,18 +446,14 @@ def _parts(results: dict[int, dict[str, dict]], who: str, treated: str, control:
     parts: dict[str, dict] = {}
     for d in doms:
         sub: dict[str, Any] = {}
-        for label, cell in (("warmup", f"base-{who}"), ("control", control), ("treated", treated),
-                            ("central", f"central-{who}")):
+        for label, cell in _row_cells(who, treated, control):
             accs = [r[cell]["by_domain"][d]["accuracy"] for r in results.values()
                     if d in r.get(cell, {}).get("by_domain", {})]
             if accs:
                 sub[label] = accs
         sub["n"] = next(r[control]["by_domain"][d]["n"] for r in results.values() if control in r)
-        t, c = sub.get("treated"), sub.get("control")
-        if t and c and len(t) == len(c):
-            sub["headroom"] = [a - b for a, b in zip(t, c)]
-            sub["headroom_se"] = [diff_se(a, b, sub["n"]) for a, b in zip(t, c)]
-            sub["headroom_clear"] = clearly_above(sub["headroom"], sub["headroom_se"])
+        if len(sub.get("treated", [])) == len(sub.get("control", [])):
+            _add_headroom(sub, sub["n"])
         parts[d] = sub
     return parts
 
