@@ -139,3 +139,20 @@ def test_stored_cells_survive_new_options_at_their_default_but_not_real_changes(
     assert pm.config_matches(stored, load_config(ROOT / "configs/tiny-test.toml", ["server.device=cuda"]))
     older["data"]["gone_option"] = 1  # an option that no longer exists: measured under other rules
     assert not pm.config_matches(older, cfg)
+
+
+def test_a_cell_missing_on_one_seed_does_not_pair_other_seeds_across():
+    # seed 0 lacks client0's treated cell and seed 1 lacks client1's control cell: each
+    # headroom is the difference within the seeds that have both, never across seeds
+    results = {0: {"control-client0": {"accuracy": 0.1, "n": 100}, "down-client1": {"accuracy": 0.9, "n": 100},
+                   "control-client1": {"accuracy": 0.5, "n": 100}},
+               1: {"control-client0": {"accuracy": 0.4, "n": 100}, "down-client0": {"accuracy": 0.5, "n": 100},
+                   "down-client1": {"accuracy": 0.2, "n": 100}},
+               2: {f"{kind}-client{k}": {"accuracy": 0.3 + 0.1 * (kind == "down"), "n": 100}
+                   for k in (0, 1) for kind in ("control", "down")}}
+    summary = pm.summarise(results, None)
+    assert summary["client0"]["headroom"] == pytest.approx([0.1, 0.1])  # seeds 1 and 2
+    assert summary["client1"]["headroom"] == pytest.approx([0.4, 0.1])  # seeds 0 and 2
+    mean = summary["slm-mean"]
+    assert mean["headroom"] == pytest.approx([0.1])  # seed 2 only: the one where every client has both
+    assert mean["control"] == pytest.approx([0.3, 0.3]) and mean["treated"] == pytest.approx([0.35, 0.4])

@@ -394,9 +394,10 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
                     row[f"{label}_domain"] = doms
         n = next((r[control]["n"] for r in results.values() if control in r), 0)
         row["n"] = n
-        _add_headroom(row, n)
+        _add_headroom(row, n, _paired(results, treated, control, lambda c: c.get("accuracy")))
         if who == "server" and row.get("treated_domain") and row.get("control_domain"):
-            _add_headroom(row, next(r[control]["domain_n"] for r in results.values() if control in r), "_domain")
+            _add_headroom(row, next(r[control]["domain_n"] for r in results.values() if control in r),
+                          _paired(results, treated, control, lambda c: c.get("domain_accuracy")), "_domain")
         if who != "server":
             row["parts"] = _parts(results, who, treated, control)
             for lo, hi in BUCKETS:
@@ -406,7 +407,7 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
                     row[f"learn_{lo}-{hi}"] = accs
         out[who] = row
     if len(clients) > 1:
-        out["slm-mean"] = _slm_mean(out, clients)
+        out["slm-mean"] = _slm_mean(results, out, clients)
     return out
 
 
@@ -415,27 +416,44 @@ def _row_cells(who: str, treated: str, control: str) -> tuple[tuple[str, str], .
     return (("warmup", f"base-{who}"), ("control", control), ("treated", treated), ("central", f"central-{who}"))
 
 
-def _add_headroom(row: dict, n: int, suffix: str = "") -> None:
+def _paired(results: dict[int, dict[str, dict]], treated: str, control: str, get) -> list[tuple[float, float]]:
+    """(treated, control) values of the seeds that have both cells: a headroom is a
+    difference within one seed, never across seeds."""
+    pairs = []
+    for r in results.values():
+        t, c = (get(r[cell]) if cell in r else None for cell in (treated, control))
+        if t is not None and c is not None:
+            pairs.append((t, c))
+    return pairs
+
+
+def _add_headroom(row: dict, n: int, pairs: list[tuple[float, float]], suffix: str = "") -> None:
     """treated - control per seed, its binomial noise on ``n`` problems and the verdict."""
-    t, c = row.get(f"treated{suffix}"), row.get(f"control{suffix}")
-    if t and c:
-        row[f"headroom{suffix}"] = [a - b for a, b in zip(t, c)]
-        row[f"headroom{suffix}_se"] = [diff_se(a, b, n) for a, b in zip(t, c)]
+    if pairs:
+        row[f"headroom{suffix}"] = [a - b for a, b in pairs]
+        row[f"headroom{suffix}_se"] = [diff_se(a, b, n) for a, b in pairs]
         row[f"headroom{suffix}_clear"] = clearly_above(row[f"headroom{suffix}"], row[f"headroom{suffix}_se"])
 
 
-def _slm_mean(rows: dict[str, dict], clients: list[str]) -> dict:
-    """The clients' mean accuracy per seed (what the grid tables report as "SLM mean"); its
-    headroom's standard error combines the clients' independent ones: sqrt(sum se^2) / K."""
+def _slm_mean(results: dict[int, dict[str, dict]], rows: dict[str, dict], clients: list[str]) -> dict:
+    """The clients' mean accuracy per seed (what the grid tables report as "SLM mean"),
+    over the seeds on which every client has the cell; its headroom's standard error
+    combines the clients' independent ones: sqrt(sum se^2) / K."""
     mean: dict[str, Any] = {"n": sum(rows[w].get("n", 0) for w in clients)}
     for label in ("warmup", "control", "treated", "central"):
-        cols = [rows[w].get(label) for w in clients]
-        if all(cols) and len({len(c) for c in cols}) == 1:
-            mean[label] = [statistics.fmean(v) for v in zip(*cols)]
-    if all(rows[w].get("headroom") for w in clients) and "treated" in mean and "control" in mean:
-        mean["headroom"] = [a - b for a, b in zip(mean["treated"], mean["control"])]
-        mean["headroom_se"] = [math.sqrt(sum(x * x for x in ses)) / len(clients)
-                               for ses in zip(*(rows[w]["headroom_se"] for w in clients))]
+        cells = [dict(_row_cells(w, f"down-{w}", f"control-{w}"))[label] for w in clients]
+        per_seed = [[r[c]["accuracy"] for c in cells] for r in results.values()
+                    if all("accuracy" in r.get(c, {}) for c in cells)]
+        if per_seed:
+            mean[label] = [statistics.fmean(v) for v in per_seed]
+    pairs = [[(r[f"down-{w}"]["accuracy"], r[f"control-{w}"]["accuracy"], rows[w]["n"]) for w in clients]
+             for r in results.values()
+             if all("accuracy" in r.get(f"{kind}-{w}", {}) for w in clients for kind in ("down", "control"))]
+    if pairs:
+        mean["headroom"] = [statistics.fmean(t for t, _, _ in seed) - statistics.fmean(c for _, c, _ in seed)
+                            for seed in pairs]
+        mean["headroom_se"] = [math.sqrt(sum(diff_se(t, c, n) ** 2 for t, c, n in seed)) / len(clients)
+                               for seed in pairs]
         mean["headroom_clear"] = clearly_above(mean["headroom"], mean["headroom_se"])
     return mean
 
@@ -452,8 +470,8 @@ def _parts(results: dict[int, dict[str, dict]], who: str, treated: str, control:
             if accs:
                 sub[label] = accs
         sub["n"] = next(r[control]["by_domain"][d]["n"] for r in results.values() if control in r)
-        if len(sub.get("treated", [])) == len(sub.get("control", [])):
-            _add_headroom(sub, sub["n"])
+        _add_headroom(sub, sub["n"], _paired(results, treated, control,
+                                             lambda c, d=d: c.get("by_domain", {}).get(d, {}).get("accuracy")))
         parts[d] = sub
     return parts
 
