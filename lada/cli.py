@@ -156,7 +156,8 @@ def cmd_data(args) -> int:
 def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
-    return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []))
+    return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []),
+                     args.report_only)
 
 
 def cmd_premises(args) -> int:
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="results/grid")
     g.add_argument("--engine", choices=["simulation", "deployment", "inline"], default=None)
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base config")
+    g.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the table and plot from finished runs, or fail naming the missing ones")
     g.set_defaults(func=cmd_grid)
 
     pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "

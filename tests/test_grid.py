@@ -164,3 +164,26 @@ def test_an_interrupted_run_is_resumed_after_its_committed_round_not_started_ove
     assert calls == [("resume", run_dir)]
     grid.run_grid(ROOT / "configs/tiny-test.toml", ["cot"], [0], tmp_path)  # now finished: reused
     assert calls == [("resume", run_dir)]
+
+
+def test_report_only_runs_nothing_and_names_every_missing_cell(tmp_path, monkeypatch):
+    import lada.experiments.grid as grid
+
+    calls = []
+    monkeypatch.setattr(grid, "run", lambda cfg, **kw: calls.append(cfg.run_dir))
+    monkeypatch.setattr(grid, "resume", lambda run_dir, **kw: calls.append(run_dir))
+    monkeypatch.setattr(grid, "plot_grid", lambda results, out: out)
+    base, out = ROOT / "configs/tiny-test.toml", tmp_path / "out"
+    done = method_config(base, "cot", 0, out, [])
+    Path(done.run_dir).mkdir(parents=True)
+    (Path(done.run_dir) / "config.toml").write_text(done.to_toml())
+    (Path(done.run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(0.0)))
+    (Path(done.run_dir) / "DONE").write_text("done\n")
+    with pytest.raises(grid.GridIncomplete, match=r"3 of 4 cell\(s\).*: cot seed 1 .*; cot\+lada seed 0 .*; "
+                                                  r"cot\+lada seed 1 "):
+        grid.run_grid(base, ["cot", "cot+lada"], [0, 1], out, report_only=True)
+    assert calls == [] and not (out / "results.md").exists()
+    with pytest.raises(grid.GridIncomplete, match="1 of 1 cell"):  # another engine is another config
+        grid.run_grid(base, ["cot"], [0], out, engine="inline", report_only=True)
+    grid.run_grid(base, ["cot"], [0], out, report_only=True)
+    assert calls == [] and "| cot |" in (out / "results.md").read_text()

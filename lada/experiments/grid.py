@@ -168,6 +168,24 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
         return False
 
 
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    return (run_dir / "DONE").exists() and _same_config(run_dir / "config.toml", cfg)
+
+
+def _unfinished(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None,
+                overrides: list[str] | None) -> list[tuple[str, int, Path]]:
+    """(method, seed, run dir) of the cells that a grid would have to run or resume; the
+    engine counts as part of the config, as the runner writes it."""
+    out = []
+    for method in methods:
+        for seed in seeds:
+            cfg = method_config(base, method, seed, out_dir, overrides or [])
+            cfg.engine.kind = engine or cfg.engine.kind
+            if not _finished(Path(cfg.run_dir), cfg):
+                out.append((method, seed, Path(cfg.run_dir)))
+    return out
+
+
 def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
     """An interrupted run of this very config with a committed round: the grid continues
     it after that round (``lada run --resume``; the result equals an unbroken run's)
@@ -176,9 +194,20 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
         and _same_config(run_dir / "config.toml", cfg)
 
 
+class GridIncomplete(Exception):
+    """``report_only`` found method x seed cells without a finished run of their config."""
+
+
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
-             overrides: list[str] | None = None) -> dict[str, dict[int, list[dict]]]:
-    """Run (or reuse) every method x seed; returns metric rows by method and seed."""
+             overrides: list[str] | None = None, report_only: bool = False) -> dict[str, dict[int, list[dict]]]:
+    """Run (or reuse) every method x seed; returns metric rows by method and seed.
+    ``report_only``: run nothing; rebuild the table from finished runs, or raise
+    ``GridIncomplete`` naming every cell that has none (before writing anything)."""
+    if report_only:
+        missing = [f"{m} seed {s} ({d})" for m, s, d in _unfinished(base, methods, seeds, out_dir, engine, overrides)]
+        if missing:
+            raise GridIncomplete(f"{len(missing)} of {len(methods) * len(seeds)} cell(s) have no finished run "
+                                 "of their config: " + "; ".join(missing))
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, list[dict]]] = {}
     total = len(methods) * len(seeds)
@@ -190,7 +219,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
         host_notes.setdefault(cfg.host_name, host_budget_note(cfg))
         cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
-        if (run_dir / "DONE").exists() and _same_config(run_dir / "config.toml", cfg):
+        if _finished(run_dir, cfg):
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
         elif method == CENTRALISED:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
@@ -370,13 +399,18 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
     return out
 
 
-def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str]) -> int:
+def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str],
+              report_only: bool = False) -> int:
     try:
         names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
         raise SystemExit(f"lada grid: {e}") from None
     t0 = time.perf_counter()
-    run_grid(Path(base), names, seeds, Path(out), engine, overrides)
+    try:
+        run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only)
+    except GridIncomplete as e:
+        raise SystemExit(f"lada grid --report-only: {e}. Run the grid without --report-only to complete them "
+                         "(the engine is part of a run's config: give the one the runs were made with).") from None
     print(Path(out, "results.md").read_text())
     print(f"grid finished in {time.perf_counter() - t0:.0f}s; table {out}/results.md, plot {out}/accuracy.png")
     return 0
