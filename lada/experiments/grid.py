@@ -172,20 +172,6 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     return (run_dir / "DONE").exists() and _same_config(run_dir / "config.toml", cfg)
 
 
-def _unfinished(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None,
-                overrides: list[str] | None) -> list[tuple[str, int, Path]]:
-    """(method, seed, run dir) of the cells that a grid would have to run or resume; the
-    engine counts as part of the config, as the runner writes it."""
-    out = []
-    for method in methods:
-        for seed in seeds:
-            cfg = method_config(base, method, seed, out_dir, overrides or [])
-            cfg.engine.kind = engine or cfg.engine.kind
-            if not _finished(Path(cfg.run_dir), cfg):
-                out.append((method, seed, Path(cfg.run_dir)))
-    return out
-
-
 def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
     """An interrupted run of this very config with a committed round: the grid continues
     it after that round (``lada run --resume``; the result equals an unbroken run's)
@@ -203,21 +189,25 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     """Run (or reuse) every method x seed; returns metric rows by method and seed.
     ``report_only``: run nothing; rebuild the table from finished runs, or raise
     ``GridIncomplete`` naming every cell that has none (before writing anything)."""
+    cells = []  # (method, seed, config as the runner will write it: the engine is part of it)
+    for method in methods:
+        for seed in seeds:
+            cfg = method_config(base, method, seed, out_dir, overrides or [])
+            cfg.engine.kind = engine or cfg.engine.kind
+            cells.append((method, seed, cfg))
     if report_only:
-        missing = [f"{m} seed {s} ({d})" for m, s, d in _unfinished(base, methods, seeds, out_dir, engine, overrides)]
+        missing = [f"{m} seed {s} ({cfg.run_dir})" for m, s, cfg in cells if not _finished(Path(cfg.run_dir), cfg)]
         if missing:
-            raise GridIncomplete(f"{len(missing)} of {len(methods) * len(seeds)} cell(s) have no finished run "
+            raise GridIncomplete(f"{len(missing)} of {len(cells)} cell(s) have no finished run "
                                  "of their config: " + "; ".join(missing))
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, list[dict]]] = {}
-    total = len(methods) * len(seeds)
+    total = len(cells)
     budget = ""
     host_notes: dict[str, str] = {}
-    for i, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), 1):
-        cfg = method_config(base, method, seed, out_dir, overrides or [])
+    for i, (method, seed, cfg) in enumerate(cells, 1):
         budget = budget_note(cfg)
         host_notes.setdefault(cfg.host_name, host_budget_note(cfg))
-        cfg.engine.kind = engine or cfg.engine.kind  # as the runner will write it
         run_dir = Path(cfg.run_dir)
         if _finished(run_dir, cfg):
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
