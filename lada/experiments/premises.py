@@ -381,8 +381,7 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
                           if c.startswith(("base-client", "control-client"))}, key=lambda w: int(w[6:]))
     out: dict[str, dict] = {}
     for who in ["server", *clients]:
-        treated = "up-server" if who == "server" else f"down-{who}"
-        control = f"control-{who}"
+        treated, control = _treated_control(who)
         row: dict[str, Any] = {}
         for label, cell in _row_cells(who, treated, control):
             accs = [r[cell]["accuracy"] for r in results.values() if cell in r and "accuracy" in r[cell]]
@@ -409,6 +408,11 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
     if len(clients) > 1:
         out["slm-mean"] = _slm_mean(results, out, clients)
     return out
+
+
+def _treated_control(who: str) -> tuple[str, str]:
+    """Cell names of a participant's transfer (the LLM: up; a client: down) and its control."""
+    return ("up-server" if who == "server" else f"down-{who}"), f"control-{who}"
 
 
 def _row_cells(who: str, treated: str, control: str) -> tuple[tuple[str, str], ...]:
@@ -441,14 +445,15 @@ def _slm_mean(results: dict[int, dict[str, dict]], rows: dict[str, dict], client
     combines the clients' independent ones: sqrt(sum se^2) / K."""
     mean: dict[str, Any] = {"n": sum(rows[w].get("n", 0) for w in clients)}
     for label in ("warmup", "control", "treated", "central"):
-        cells = [dict(_row_cells(w, f"down-{w}", f"control-{w}"))[label] for w in clients]
+        cells = [dict(_row_cells(w, *_treated_control(w)))[label] for w in clients]
         per_seed = [[r[c]["accuracy"] for c in cells] for r in results.values()
                     if all("accuracy" in r.get(c, {}) for c in cells)]
         if per_seed:
             mean[label] = [statistics.fmean(v) for v in per_seed]
-    pairs = [[(r[f"down-{w}"]["accuracy"], r[f"control-{w}"]["accuracy"], rows[w]["n"]) for w in clients]
+    names = {w: _treated_control(w) for w in clients}
+    pairs = [[(r[t]["accuracy"], r[c]["accuracy"], rows[w]["n"]) for w, (t, c) in names.items()]
              for r in results.values()
-             if all("accuracy" in r.get(f"{kind}-{w}", {}) for w in clients for kind in ("down", "control"))]
+             if all("accuracy" in r.get(cell, {}) for t, c in names.values() for cell in (t, c))]
     if pairs:
         mean["headroom"] = [statistics.fmean(t for t, _, _ in seed) - statistics.fmean(c for _, c, _ in seed)
                             for seed in pairs]
