@@ -283,9 +283,26 @@ class RunConfig:
         registry.plugin_options(self, where)
 
     def to_dict(self) -> dict:
+        """Every field as a plain dict. ``[host]`` and ``[plugin]`` are written with every
+        option at its value (defaults filled in), so that a stored run says what it ran
+        even after a default changes (``config_matches`` compares them that way)."""
         d = dataclasses.asdict(self)
         d.pop("source_file")
+        for which in _OPTION_TABLES:
+            d[which] = self.options_table(which)
         return d
+
+    def options_table(self, which: str) -> dict:
+        """The ``[host]`` or ``[plugin]`` table with every option of its options dataclass
+        (the table as written where the name is unknown or takes no options)."""
+        table = getattr(self, which)
+        try:
+            options = _table_options(self, which)
+        except ConfigError:  # an invalid table is reported by validate(), not here
+            return dict(table)
+        if options is None:
+            return dict(table)
+        return {"name": table.get("name", _TABLE_DEFAULT_NAMES[which]), **dataclasses.asdict(options)}
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -424,6 +441,31 @@ def _is_table_list(v: Any) -> bool:
 
 
 _UNSET = object()
+# Tables whose keys are the options of a registered host / plug-in, and their default names.
+_OPTION_TABLES = ("host", "plugin")
+_TABLE_DEFAULT_NAMES = {"host": "cot", "plugin": "none"}
+
+
+def _table_options(cfg: "RunConfig", which: str) -> Any:
+    return registry.host_options(cfg) if which == "host" else registry.plugin_options(cfg)
+
+
+def _table_matches(stored: Any, cfg: "RunConfig", which: str) -> bool:
+    """A stored ``[host]``/``[plugin]`` table against the current one, by meaning: the
+    names equal and every stored option equal to the current value, where an option the
+    stored table leaves out counts as the current default (see ``config_matches``)."""
+    table = getattr(cfg, which)
+    name = table.get("name", _TABLE_DEFAULT_NAMES[which])
+    if not isinstance(stored, dict) or stored.get("name", _TABLE_DEFAULT_NAMES[which]) != name:
+        return False
+    rest = {k: v for k, v in stored.items() if k != "name"}
+    try:
+        options = _table_options(cfg, which)
+    except ConfigError:
+        return False
+    if options is None:
+        return config_matches(rest, {k: v for k, v in table.items() if k != "name"})
+    return config_matches(rest, options)
 # Fields that say where a result was made or stored, not what it measures.
 _WHERE_NOT_WHAT = ("source_file", "device", "run_dir", "cache_dir")
 
@@ -442,8 +484,10 @@ def config_matches(stored: Any, current: Any) -> bool:
     object), so that a stored measurement or run may be reused. A field the stored config
     lacks (an option added since) matches only where the current value is its default,
     so a new option at its default does not invalidate earlier results, while any
-    explicit difference does. Where models ran and where results are stored (``device``,
-    ``run_dir``, ``cache_dir``) are not compared."""
+    explicit difference does. ``[host]`` and ``[plugin]`` are compared by meaning, against
+    the current options with their defaults filled in. A run's ``name`` (a label), where
+    models ran and where results are stored (``device``, ``run_dir``, ``cache_dir``) are
+    not compared."""
     if dataclasses.is_dataclass(current):
         if not isinstance(stored, dict):
             return False
@@ -452,6 +496,12 @@ def config_matches(stored: Any, current: Any) -> bool:
             return False
         for f in dataclasses.fields(current):
             if f.name in _WHERE_NOT_WHAT:
+                continue
+            if isinstance(current, RunConfig) and f.name == "name":  # a label (the grid's method-seed)
+                continue
+            if isinstance(current, RunConfig) and f.name in _OPTION_TABLES and f.name in stored:
+                if not _table_matches(stored[f.name], current, f.name):
+                    return False
                 continue
             value = getattr(current, f.name)
             if f.name in stored:

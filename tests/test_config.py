@@ -20,6 +20,31 @@ def test_minimal_config_validates_and_round_trips_through_toml():
     assert again.clients[1].name == "tiny-gpt2"
 
 
+def test_host_and_plugin_tables_are_stored_in_full_and_compared_by_meaning():
+    from lada.config import config_matches
+    from lada.plugin.options import LadaConfig
+
+    cfg = config_from_dict(_minimal(plugin={"name": "lada", "filter": {"alpha": 2.0}}), "mem.toml")
+    stored = tomllib.loads(cfg.to_toml())
+    # every option is written, defaults included, so the file says what ran after a default changes
+    assert stored["plugin"]["reward"] == LadaConfig().reward and stored["plugin"]["filter"]["alpha"] == 2.0
+    assert stored["host"] == {"name": "cot", "check_steps": True, "upward": False, "up_novel_only": True,
+                              "up_questions": 0, "up_replay": 1.0}
+    assert config_from_dict(stored, "again").to_dict() == cfg.to_dict()
+    assert config_matches(stored, cfg)
+    assert config_matches(dict(stored, name="renamed"), cfg)  # a run's name is a label
+    # a table written before an option existed, or leaving out an option at its default, matches ...
+    assert config_matches(dict(stored, plugin={"name": "lada", "filter": {"alpha": 2.0}}), cfg)
+    assert config_matches(dict(stored, plugin={"name": "lada", "reward": LadaConfig().reward,
+                                               "filter": {"alpha": 2.0}}), cfg)
+    # ... an explicit other value, another name or an option that is gone does not
+    other = "gain" if LadaConfig().reward != "gain" else "paper"
+    assert not config_matches(dict(stored, plugin={"name": "lada", "reward": other, "filter": {"alpha": 2.0}}), cfg)
+    assert not config_matches(dict(stored, plugin={"name": "none"}), cfg)
+    assert not config_matches(dict(stored, plugin={**stored["plugin"], "gone": 1}), cfg)
+    assert not config_matches(dict(stored, host={"name": "cot", "upward": True}), cfg)
+
+
 @pytest.mark.parametrize(
     "data, needle",
     [

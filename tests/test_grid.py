@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("fedmkt+lada", "fedmkt", {"name": "lada"}),
     ("cot+lada-no-filter", "cot", {"name": "lada", "filter": {"kind": "none"}}),
     ("fedmkt+lada-relative-reward", "fedmkt", {"name": "lada", "reward": "relative"}),
+    ("cot+lada-gain-reward", "cot", {"name": "lada", "reward": "gain"}),
     ("cot+lada-paper-reward", "cot", {"name": "lada", "reward": "paper"}),
     ("cot+lada-receiver-reward", "cot", {"name": "lada", "reward": "receiver"}),
     ("fedmkt+lada-receiver-share-reward", "fedmkt", {"name": "lada", "reward": "receiver",
@@ -60,7 +61,7 @@ def test_all_comes_from_the_registry_and_the_capabilities():
     assert parse_methods("all", "cot") == everything
     assert parse_methods("cot, fedmkt+lada") == ["cot", "fedmkt+lada"]
     # the reward-selection grid (docs/lada.md, "Reward"): every name parses and validates
-    rewards = "cot+lada,cot+lada-paper-reward,cot+lada-receiver-reward,cot+lada-receiver-share-reward"
+    rewards = "cot+lada,cot+lada-gain-reward,cot+lada-paper-reward,cot+lada-receiver-reward,cot+lada-receiver-share-reward"
     assert parse_methods(rewards, "cot") == rewards.split(",")
     for m in rewards.split(","):
         method_config(ROOT / "configs/default.toml", m, 0, Path("out"), [])

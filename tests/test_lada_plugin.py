@@ -47,11 +47,13 @@ class FakeNode:
     """A participant as the plug-in sees it (``PluginNode``), plus a model for the
     paths it sends."""
 
-    def __init__(self, workspace: Path, lm=None, seed: int = 0, held_out=()) -> None:
+    def __init__(self, workspace: Path, lm=None, seed: int = 0, held_out=None) -> None:
         self.workspace = workspace
         self.seed = seed
         self.public = EXAMPLES
-        self.held_out = list(held_out)  # reward = "receiver": the receiver's validation slice
+        # reward = "receiver" (the default): the receiver's validation slice, by default
+        # three of the problems under other ids (so that none is excluded as a candidate)
+        self.held_out = list(_val_copies(EXAMPLES[:3]) if held_out is None else held_out)
         self.metrics: dict[str, float] = {}
         self.lm = lm
 
@@ -312,7 +314,7 @@ def test_receiver_reward_is_the_validation_gain_attributed_over_the_selection(lm
 def test_receiver_reward_needs_held_out_examples(lm, tmp_path):
     plugin = LadaPlugin(run_cfg(), LadaConfig(distill="sft", reward="receiver"))
     with pytest.raises(ValueError, match="held-out"):
-        with plugin.transfer("down", 1, 0, FakeNode(tmp_path), lm, cands_for(EXAMPLES[:2])):
+        with plugin.transfer("down", 1, 0, FakeNode(tmp_path, held_out=()), lm, cands_for(EXAMPLES[:2])):
             pass
 
 

@@ -87,11 +87,18 @@ def test_receiver_reward_holds_out_a_private_slice_that_no_host_trains_on(tmp_pa
     assert node.held_out == full[-3:] and node.train_set == full[:-3]  # deterministic, disjoint, nothing lost
     server = ServerNode(cfg, tmp_path / "server")
     assert server.held_out == server.public[-3:] and server.train_set == server.data.train
-    plain = ClientNode(_tiny(), 1, tmp_path / "ws2")  # any other reward holds nothing out
+    plain = ClientNode(_tiny(), 1, tmp_path / "ws2")  # no plug-in holds nothing out
     assert plain.held_out == [] and plain.train_set == plain.data.train
-    cfg.plugin = {"name": "lada", "reward": "receiver", "reward_val_size": len(full)}
-    with pytest.raises(ConfigError, match=r"\[plugin\]\.reward_val_size: client-1 holds"):
-        ClientNode(cfg, 1, tmp_path / "ws3").train_set
+    gain = _tiny()
+    gain.plugin = {"name": "lada", "reward": "gain"}  # nor does a reward that needs no held-out data
+    assert ClientNode(gain, 1, tmp_path / "ws2g").held_out == []
+    # the default (50) on a 20-example shard: capped at a fifth, the rest still trains
+    cfg.plugin = {"name": "lada"}
+    capped = ClientNode(cfg, 1, tmp_path / "ws3")
+    assert len(full) == 20 and capped.held_out == full[-4:] and capped.train_set == full[:-4]
+    cfg.data.train_per_client = 4  # too few to hold any out: a config error that says what to do
+    with pytest.raises(ConfigError, match=r"\[plugin\]\.reward_val_size: client-1 holds 4 .*reward = \"gain\""):
+        ClientNode(cfg, 1, tmp_path / "ws4").train_set
     # hosts reach private data only through train_set, which leaves the slice out
     hosts = sorted((REPO / "lada" / "hosts").glob("*.py"))
     assert hosts and not [p.name for p in hosts if ".data.train" in p.read_text()]
@@ -166,9 +173,9 @@ class Capture:
         return replies
 
 
-# cot+lada with the receiver reward: a client also measures itself on a held-out slice
+# With LaDa's default (receiver) reward a client also measures itself on a held-out slice
 # of its private shard, which must not leave it either.
-METHODS = ["standalone", "cot", "cot+lada-receiver-reward", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada"]
+METHODS = ["standalone", "cot", "cot+lada", "fedmkt", "fedmkt+lada", "fedcollm", "fedcollm+lada"]
 
 
 @pytest.mark.e2e
@@ -181,7 +188,7 @@ def test_no_private_data_in_any_payload(tmp_path, monkeypatch, method):
                              "server.hidden_size=192", "server.num_layers=4", "server.num_heads=6",
                              "server.vocab_size=768", f"server.checkpoint={json.dumps(str(SHIPPED_LLM))}"])
     apply_method(cfg, method)
-    if cfg.plugin.get("reward") == "receiver":
+    if cfg.plugin.get("name") == "lada":
         cfg.plugin["reward_val_size"] = 4
     cfg.run_dir = str(tmp_path / "run")
     cap = Capture()

@@ -37,9 +37,10 @@ ABLATIONS: dict[str, Callable[[dict], None]] = {
     "random-filter": lambda p: p.setdefault("filter", {}).update(kind="random"),
     "loss-filter": lambda p: p.setdefault("filter", {}).update(kind="loss"),
     "no-contrastive": lambda p: p.update(distill="sft"),
+    "gain-reward": lambda p: p.update(reward="gain"),
     "relative-reward": lambda p: p.update(reward="relative"),
     "paper-reward": lambda p: p.update(reward="paper"),
-    "receiver-reward": lambda p: p.update(reward="receiver"),  # gradient attribution (the default)
+    "receiver-reward": lambda p: p.update(reward="receiver"),  # the default reward, gradient attribution
     "receiver-share-reward": lambda p: p.update(reward="receiver", reward_attribution="share"),
 }
 # `--methods all` adds these ablations of the plug-in on the base config's host.

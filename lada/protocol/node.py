@@ -8,6 +8,7 @@ Within one process, models are cached and reloaded only when the saved version c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from functools import cached_property
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from lada.data.split import ParticipantData
     from lada.models.loading import LoadedModel
 
+log = logging.getLogger("lada.node")
+# A plug-in's held-out slice takes at most 1 in this many of a participant's examples.
+HOLDOUT_MAX_SHARE = 5
 # workspace -> ((version, save id), LoadedModel), for the process's lifetime.
 _MODEL_CACHE: dict[str, tuple[int, "LoadedModel"]] = {}
 
@@ -51,6 +55,7 @@ class Node:
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = self._read_state()
+        self._capped: set[tuple[str, int]] = set()  # held-out slices already logged as capped
 
     # ---- small JSON state (counters, metrics of the current round, plug-in bits)
     def _read_state(self) -> dict[str, Any]:
@@ -152,14 +157,25 @@ class Node:
         return int(size()) if size else 0
 
     def _last(self, examples: list, what: str) -> list:
-        """The deterministic held-out slice: the last ``holdout_size`` of ``examples``."""
-        n = self.holdout_size
-        if n and n >= len(examples):
+        """The deterministic held-out slice: the last ``holdout_size`` of ``examples``,
+        capped at a fifth of them so that a small shard keeps most of its data to train on
+        (the tiny test configs hold 20 examples per client; the paper's protocol 1,000)."""
+        want = self.holdout_size
+        if not want:
+            return []
+        n = min(want, len(examples) // HOLDOUT_MAX_SHARE)
+        if n == 0:
             from lada.schema import ConfigError
 
             raise ConfigError(f"{self.cfg.source_file or 'config'} [plugin].reward_val_size: {self.participant} "
-                              f"holds {len(examples)} {what}, so it cannot hold out {n} and keep any; lower it")
-        return examples[len(examples) - n:] if n else []
+                              f"holds {len(examples)} {what}, too few to hold any out (at most 1 in "
+                              f"{HOLDOUT_MAX_SHARE}); use a reward that needs no held-out data, e.g. "
+                              "[plugin] reward = \"gain\"")
+        if n < want and (what, len(examples)) not in self._capped:
+            self._capped.add((what, len(examples)))
+            log.info("%s: holds out %d of its %d %s (a fifth; reward_val_size = %d)",
+                     self.participant, n, len(examples), what, want)
+        return examples[len(examples) - n:]
 
     @property
     def public_held_out(self) -> list:
