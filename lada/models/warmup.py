@@ -194,12 +194,13 @@ def participant_seed(cfg: RunConfig, who: str) -> int:
 def participant_stages(cfg: RunConfig, view: "ParticipantData", who: str) -> list[Stage]:
     """The warm-up data of ``server`` (its general training data), ``client<k>`` (its
     private training shard plus the general problems of its split) or ``shared-slm``
-    (FedCoLLM's common SLM base, trained by the server: the clients' general problems
-    only, so no client's private data shapes what every client receives)."""
+    (FedCoLLM's common SLM base, trained by the server on all of its general training
+    data, the LLM's warm-up data: no client's private data shapes what every client
+    receives, and the base is as strong on general problems as the server can make it)."""
     if who == "server":
         return [(list(view.train), cfg.server.warmup_steps)]
     if who == "shared-slm":
-        return [(client_general(view.train), cfg.clients[0].warmup_steps)]
+        return [(list(view.train), cfg.clients[0].warmup_steps)]
     k = int(who.removeprefix("client"))
     return [(list(view.train) + list(view.general), cfg.clients[k].warmup_steps)]
 
