@@ -14,7 +14,9 @@ from lada.config import load_config
 from lada.engines.launch import run_engine
 
 REPO = Path(__file__).resolve().parent.parent
-LADA = ('plugin.name="lada"', "plugin.negative_paths=1")
+# The default (receiver) reward holds out public questions from the LLM's candidates; the
+# tiny models verify only a path or two on seed 0, so hold out one question, not four.
+LADA = ('plugin.name="lada"', "plugin.negative_paths=1", "plugin.reward_val_size=1")
 # FedCoLLM needs one SLM architecture: every client takes client 0's model.
 SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
                  (("name", '"tiny-qwen2"'), ("vocab_size", "360")))
