@@ -240,11 +240,11 @@ class RunConfig:
 
     @property
     def host_name(self) -> str:
-        return self.host.get("name", "cot")
+        return self.host.get("name", _TABLE_DEFAULT_NAMES["host"])
 
     @property
     def plugin_name(self) -> str:
-        return self.plugin.get("name", "none")
+        return self.plugin.get("name", _TABLE_DEFAULT_NAMES["plugin"])
 
     def __post_init__(self) -> None:
         self.resolve_data_seed()
@@ -302,7 +302,7 @@ class RunConfig:
             return dict(table)
         if options is None:
             return dict(table)
-        return {"name": table.get("name", _TABLE_DEFAULT_NAMES[which]), **dataclasses.asdict(options)}
+        return {"name": getattr(self, f"{which}_name"), **dataclasses.asdict(options)}
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -441,6 +441,8 @@ def _is_table_list(v: Any) -> bool:
 
 
 _UNSET = object()
+# Fields that say where a result was made or stored, not what it measures.
+_WHERE_NOT_WHAT = ("source_file", "device", "run_dir", "cache_dir")
 # Tables whose keys are the options of a registered host / plug-in, and their default names.
 _OPTION_TABLES = ("host", "plugin")
 _TABLE_DEFAULT_NAMES = {"host": "cot", "plugin": "none"}
@@ -454,9 +456,9 @@ def _table_matches(stored: Any, cfg: "RunConfig", which: str) -> bool:
     """A stored ``[host]``/``[plugin]`` table against the current one, by meaning: the
     names equal and every stored option equal to the current value, where an option the
     stored table leaves out counts as the current default (see ``config_matches``)."""
-    table = getattr(cfg, which)
-    name = table.get("name", _TABLE_DEFAULT_NAMES[which])
-    if not isinstance(stored, dict) or stored.get("name", _TABLE_DEFAULT_NAMES[which]) != name:
+    if not isinstance(stored, dict):
+        return False
+    if stored.get("name", _TABLE_DEFAULT_NAMES[which]) != getattr(cfg, f"{which}_name"):
         return False
     rest = {k: v for k, v in stored.items() if k != "name"}
     try:
@@ -464,10 +466,8 @@ def _table_matches(stored: Any, cfg: "RunConfig", which: str) -> bool:
     except ConfigError:
         return False
     if options is None:
-        return config_matches(rest, {k: v for k, v in table.items() if k != "name"})
+        return config_matches(rest, {k: v for k, v in getattr(cfg, which).items() if k != "name"})
     return config_matches(rest, options)
-# Fields that say where a result was made or stored, not what it measures.
-_WHERE_NOT_WHAT = ("source_file", "device", "run_dir", "cache_dir")
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -497,12 +497,13 @@ def config_matches(stored: Any, current: Any) -> bool:
         for f in dataclasses.fields(current):
             if f.name in _WHERE_NOT_WHAT:
                 continue
-            if isinstance(current, RunConfig) and f.name == "name":  # a label (the grid's method-seed)
-                continue
-            if isinstance(current, RunConfig) and f.name in _OPTION_TABLES and f.name in stored:
-                if not _table_matches(stored[f.name], current, f.name):
-                    return False
-                continue
+            if isinstance(current, RunConfig):
+                if f.name == "name":  # a label (the grid's method-seed)
+                    continue
+                if f.name in _OPTION_TABLES and f.name in stored:
+                    if not _table_matches(stored[f.name], current, f.name):
+                        return False
+                    continue
             value = getattr(current, f.name)
             if f.name in stored:
                 if not config_matches(stored[f.name], value):

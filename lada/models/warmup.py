@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from lada.config import ModelConfig, RunConfig, TrainConfig
 from lada.data.records import Example, example_prompt, example_target
-from lada.data.split import CLIENT_GENERAL_EXAMPLES, CLIENT_GENERAL_MAX_STEPS, client_general  # noqa: F401
+from lada.data.split import CLIENT_GENERAL_EXAMPLES, CLIENT_GENERAL_MAX_STEPS  # noqa: F401
 
 if TYPE_CHECKING:
     from lada.data.partition import FederatedData
