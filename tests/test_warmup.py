@@ -116,3 +116,20 @@ def test_ship_checkpoint_writes_float16_copy_that_loads(tmp_path):
     a, b = load_model(cfg, path), load_model(cfg, shipped)
     wa, wb = a.model.get_input_embeddings().weight, b.model.get_input_embeddings().weight
     assert wb.dtype == torch.float32 and torch.allclose(wa, wb, atol=1e-2)
+
+
+def test_the_shared_slm_base_warms_up_on_all_of_the_servers_general_data_and_nothing_private():
+    """FedCoLLM's broadcast base: the server's whole general training set (not only the
+    short problems every client gets), with the clients' model config."""
+    from pathlib import Path
+
+    from lada.config import load_config
+    from lada.data.split import client_general, participant_data
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-test.toml")
+    server = participant_data(cfg, "server")
+    [(examples, steps)] = wu.participant_stages(cfg, server, "shared-slm")
+    assert [ex.id for ex in examples] == [ex.id for ex in server.train] and steps == cfg.clients[0].warmup_steps
+    assert len(examples) > len(client_general(server.train))  # longer problems too
+    private = {ex.id for k in range(len(cfg.clients)) for ex in participant_data(cfg, f"client{k}").train}
+    assert private and not private & {ex.id for ex in examples}
