@@ -66,11 +66,56 @@ def memory_bandwidth(mb: int = 256) -> float:
     return 2 * src.numel() * 4 / secs / 1e9
 
 
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every matrix product of a forward pass: torch Linear layers and
+    GPT-2's Conv1D (weight stored [in, out]), the LM head included."""
+    import torch
+
+    shapes = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes.append((mod.in_features, mod.out_features))
+        elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
+            shapes.append(tuple(mod.weight.shape))
+    return shapes
+
+
+def gemm_ceiling(shapes: list[tuple[int, int]], rows: int, backward: bool, seconds: float = 1.0) -> float:
+    """GFLOP/s of the model's own matrix products at ``rows`` tokens, nothing else: the
+    forward products ``x @ W.T`` and, with ``backward``, the two gradient products of
+    each. No framework, no attention, no elementwise work: what the hot loop could
+    reach if it were nothing but its matmuls at these (narrow) shapes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(rows, i, generator=gen), torch.randn(o, i, generator=gen), torch.randn(rows, o, generator=gen))
+            for i, o in shapes]
+    flops = sum(2 * rows * i * o * (3 if backward else 1) for i, o in shapes)
+
+    def once() -> None:
+        for x, w, g in mats:
+            x @ w.T
+            if backward:
+                g @ w
+                g.T @ x
+
+    once()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
 # ----------------------------------------------------------------------------- cases
 
-def _case(cases: dict, name: str, seconds: float, flops: float, peak: float, **extra) -> None:
-    cases[name] = {"seconds": seconds, "gflops": flops / seconds / 1e9,
-                   "pct_of_fp32_peak": 100 * flops / seconds / 1e9 / peak, **extra}
+def _case(cases: dict, name: str, seconds: float, flops: float, peak: float, ceiling: float | None = None,
+          **extra) -> None:
+    rate = flops / seconds / 1e9
+    cases[name] = {"seconds": seconds, "gflops": rate, "pct_of_fp32_peak": 100 * rate / peak, **extra}
+    if ceiling is not None:  # the same model's matmuls alone at the case's shapes
+        cases[name].update(shape_ceiling_gflops=ceiling, pct_of_shape_ceiling=100 * rate / ceiling)
 
 
 def bench_cases(cfg, peak: float) -> dict:
@@ -91,22 +136,25 @@ def bench_cases(cfg, peak: float) -> dict:
     for who, mcfg in [("llm", cfg.server), ("client-0", cfg.clients[0])]:
         lm = load_model(mcfg, participant_checkpoint(cfg, who, progress=True))
         params = sum(p.numel() for p in lm.model.parameters())
+        shapes = linear_shapes(lm.model)
         prompts = [example_prompt(ex) for ex in fed.public]
         secs, paths = _timed(lambda: sample_paths(lm, prompts, gen.paths_per_question, gen, seed=0, progress=False))
         new = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for ps in paths for t in ps)
         _case(cases, f"{who} ({params / 1e6:.2f}M): sample {len(prompts)}x{gen.paths_per_question} paths, "
-                     f"batch {gen.batch_size}", secs, 2 * params * new, peak, new_tokens_per_s=new / secs)
+                     f"batch {gen.batch_size}", secs, 2 * params * new, peak,
+              gemm_ceiling(shapes, gen.batch_size, backward=False), new_tokens_per_s=new / secs)
         test = fed.server_test if who == "llm" else fed.clients[0].test
         secs, res = _timed(lambda: evaluate(lm, test, gen, progress=False))
         new = sum(len(lm.tokenizer(o, add_special_tokens=False)["input_ids"]) + 1 for o in res.outputs)
         _case(cases, f"{who}: greedy eval of {len(test)}, batch {gen.eval_batch_size}", secs, 2 * params * new, peak,
+              gemm_ceiling(shapes, min(gen.eval_batch_size, len(test)), backward=False),
               new_tokens_per_s=new / secs, accuracy=res.accuracy)
         pairs = [(example_prompt(ex), example_target(ex)) for ex in fed.public[:256]]
         tokens = sum(len(e["input_ids"]) for e in encode_pairs(lm.tokenizer, pairs, cfg.train.max_length))
         secs, _ = _timed(lambda: sequence_logprobs(lm, [p for p, _ in pairs], [t for _, t in pairs], batch_size=64),
                          repeat=2)
         _case(cases, f"{who}: score {len(pairs)} paths, batch 64", secs, 2 * params * tokens, peak,
-              tokens_per_s=tokens / secs)
+              gemm_ceiling(shapes, 64 * tokens // len(pairs), backward=False), tokens_per_s=tokens / secs)
         steps = 20
         for precision in ("fp32", "bf16"):
             ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -115,7 +163,9 @@ def bench_cases(cfg, peak: float) -> dict:
                 secs, stats = _timed(lambda: train_steps(lm, pairs, steps, cfg.train, seed=0, progress=False))
             lm.model.load_state_dict(start)
             _case(cases, f"{who}: train {steps} steps @ batch {cfg.train.batch_size}, {precision}", secs,
-                  6 * params * stats["tokens"], peak, tokens_per_s=stats["tokens"] / secs, loss=stats["loss"])
+                  6 * params * stats["tokens"], peak,
+                  gemm_ceiling(shapes, stats["tokens"] // steps, backward=True) if precision == "fp32" else None,
+                  tokens_per_s=stats["tokens"] / secs, loss=stats["loss"])
     d = cfg.server.hidden_size + 4
     x = torch.randn(cfg.data.public_size * gen.paths_per_question, d, generator=torch.Generator().manual_seed(0))
     filt = LadaFilter(FilterConfig(seed=0))
@@ -252,23 +302,55 @@ def scaling(work: Path, sizes=(3, 10, 30)) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 
+_CASE_OF_PART = {"sampling": ": sample ", "evaluation": ": greedy eval ", "scoring": ": score ", "training": "fp32"}
+
+
+def round_bound(breakdown: dict, cases: dict) -> float | None:
+    """Seconds of the round if each kind of model work ran at its shape ceiling: the
+    part's seconds times the lowest achieved/ceiling ratio among the cases of that kind
+    (the most room either model leaves). A lower bound on the round, so an upper bound
+    on any fp32 speed-up that keeps the models and the work unchanged."""
+    total = 0.0
+    for part, v in breakdown["parts"].items():
+        key = _CASE_OF_PART.get(part)
+        ratios = [c["pct_of_shape_ceiling"] / 100 for name, c in cases.items()
+                  if key and key in name and "pct_of_shape_ceiling" in c and (part != "training" or "train" in name)]
+        if key and not ratios:
+            return None
+        total += v["seconds"] * min([1.0, *ratios])
+    return total
+
+
 def to_markdown(results: dict) -> str:
     lim = results["limits"]
     lines = [f"Threads: {results['torch_threads']} of {results['cpus']} CPUs; torch {results['torch']}; "
              f"config `{results['config']}`.", "",
              f"Measured limits: fp32 matmul peak **{lim['fp32_matmul_gflops']:.0f} GFLOP/s**, bf16 matmul "
              f"**{lim['bf16_matmul_gflops']:.0f} GFLOP/s**, memory copy {lim['memory_gb_per_s']:.1f} GB/s.", "",
-             "| case | seconds | GFLOP/s | % of fp32 peak | throughput |", "|---|---|---|---|---|"]
+             "The shape ceiling is the same model's matrix products alone, at the case's rows (batch x tokens), "
+             "timed without the framework: a bound on what that case can reach on this CPU (narrow matrices "
+             "run far below the square-matmul peak).", "",
+             "| case | seconds | GFLOP/s | % of fp32 peak | shape ceiling (GFLOP/s) | % of ceiling | throughput |",
+             "|---|---|---|---|---|---|---|"]
+    shown = ("seconds", "gflops", "pct_of_fp32_peak", "shape_ceiling_gflops", "pct_of_shape_ceiling")
     for name, r in results["cases"].items():
-        extra = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in ("seconds", "gflops", "pct_of_fp32_peak"))
+        extra = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in shown)
         g = f"{r['gflops']:.1f}" if "gflops" in r else "-"
         pct = f"{r['pct_of_fp32_peak']:.0f}%" if "pct_of_fp32_peak" in r else "-"
-        lines.append(f"| {name} | {r['seconds']:.2f} | {g} | {pct} | {extra} |")
+        ceil = f"{r['shape_ceiling_gflops']:.0f}" if "shape_ceiling_gflops" in r else "-"
+        pct_ceil = f"{r['pct_of_shape_ceiling']:.0f}%" if "pct_of_shape_ceiling" in r else "-"
+        lines.append(f"| {name} | {r['seconds']:.2f} | {g} | {pct} | {ceil} | {pct_ceil} | {extra} |")
     for bd in results.get("rounds", []):
         lines += ["", f"One round of {bd['method']} on `{results['config']}` (inline engine, round 1): "
                       f"**{bd['round_seconds']:.1f} s**.", "", "| work | seconds | % |", "|---|---|---|"]
         for k, v in bd["parts"].items():
             lines.append(f"| {k} | {v['seconds']:.1f} | {v['pct']:.0f}% |")
+        bound = round_bound(bd, results["cases"])
+        if bound:
+            lines += ["", f"At the shape ceilings (every sampling, scoring, training and evaluation second shrunk "
+                          f"by its case's % of ceiling, the most favourable of the two models; the rest unchanged) "
+                          f"this round would take at least **{bound:.1f} s**: at most "
+                          f"**{bd['round_seconds'] / bound:.1f}x** faster at these shapes in fp32."]
     if results.get("scaling"):
         lines += ["", "Scaling through the simulation runtime (tiny-test models, `configs/scale-30.toml` cut to N "
                       "clients, clients beyond the three named domains on generated ones):", "",
