@@ -1,14 +1,16 @@
-"""The benchmark's shape ceiling: which matrix products a model runs, their measured
-rate, and the round bound derived from them."""
+"""The benchmark's measures of the limit: which matrix products a model runs and their
+rate alone (the shape ceiling), the round bound derived from them, and where a case's
+time goes by kind of operator."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lada.experiments.bench import gemm_ceiling, linear_shapes, round_bound, to_markdown
+from lada.experiments.bench import cpu_description, gemm_ceiling, linear_shapes, op_shares, round_bound, to_markdown
 
 
 def test_linear_shapes_cover_every_matrix_product_of_the_families():
@@ -64,3 +66,27 @@ def test_markdown_shows_ceilings_and_the_round_bound():
     md = to_markdown(results)
     assert "| llm (1M): sample 10x2 paths, batch 64 | 1.00 | 10.0 | 5% | 40 | 25% |" in md
     assert "at least **9.0 s**" in md and "**2.2x**" in md
+
+
+def test_op_shares_attribute_time_to_kinds_of_operator():
+    a = torch.randn(256, 256)
+
+    def work():
+        for _ in range(20):
+            a @ a
+        torch.sort(torch.randn(64, 4096), dim=-1)
+
+    shares = op_shares(work)
+    assert set(shares) == {"matmul", "attention", "sampling sort", "other"}
+    assert sum(shares.values()) == pytest.approx(100.0)
+    assert shares["matmul"] > shares["attention"] == 0.0 and shares["sampling sort"] > 0
+    assert cpu_description()  # model name and vector extensions, never empty
+
+
+def test_markdown_lists_the_op_shares():
+    results = {"torch_threads": 2, "cpus": 2, "torch": "x", "config": "c.toml", "cpu": "X (avx2)",
+               "limits": {"fp32_matmul_gflops": 200, "bf16_matmul_gflops": 400, "memory_gb_per_s": 30},
+               "cases": {}, "op_shares": {"llm: train": {"matmul": 61.6, "attention": 17.0, "other": 21.4}}}
+    md = to_markdown(results)
+    assert "CPU: X (avx2)." in md
+    assert "| case | matmul | attention | other |" in md and "| llm: train | 62% | 17% | 21% |" in md

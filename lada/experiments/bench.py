@@ -6,9 +6,13 @@ Markdown file:
 2. every case (sampling, greedy evaluation, scoring, training fp32 and bf16, for the
    server model and a client model) as achieved GFLOP/s and % of the fp32 peak;
    2 x params x tokens for decoding and scoring, 6 x params x tokens for training
-   (attention excluded, padding not counted);
+   (attention excluded, padding not counted), and against its shape ceiling: the
+   same model's matrix products alone at the case's rows, timed without the framework;
+   then where the LLM's sampling and training time goes by kind of operator (matmul,
+   attention, the sampling sort, the rest), from torch's profiler;
 3. one default round of cot+lada (inline engine) split into sampling, scoring,
-   training, evaluation, filter, serialisation and engine/host overhead;
+   training, evaluation, filter, serialisation and engine/host overhead, with a lower
+   bound on its seconds if every model case ran at its shape ceiling;
 4. scaling: 3, 10 and 30 simulated clients (tiny-test models) through Flower's
    simulation runtime: seconds per round and peak resident memory per round.
 
@@ -54,6 +58,19 @@ def matmul_peak(dtype, n: int = 1024, seconds: float = 1.5) -> float:
             a @ b
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions that decide the matmul peaks
+    (bf16 is emulated, and slow, without avx512_bf16 or AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(shown) or 'no avx2'})"
 
 
 def memory_bandwidth(mb: int = 256) -> float:
@@ -176,6 +193,50 @@ def bench_cases(cfg, peak: float) -> dict:
     secs, _ = _timed(lambda: filt.select(x, len(x) // 2))
     cases[f"filter: bandit select of {len(x)} contexts"] = {"seconds": secs}
     return cases
+
+
+# ----------------------------------------------------------------------------- where a case's time goes
+
+OP_GROUPS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
+             ("attention", ("scaled_dot_product",)),
+             ("sampling sort", ("aten::sort",)))
+
+
+def op_shares(fn) -> dict[str, float]:
+    """Share of self CPU time (%) of ``fn`` by kind of operator (``OP_GROUPS``, the
+    rest as "other"), from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    totals = {name: 0.0 for name, _ in OP_GROUPS} | {"other": 0.0}
+    for ev in prof.key_averages():
+        group = next((name for name, keys in OP_GROUPS if any(k in ev.key for k in keys)), "other")
+        totals[group] += ev.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: 100 * v / whole for k, v in totals.items()}
+
+
+def op_profile(cfg) -> dict[str, dict[str, float]]:
+    """Where the LLM's sampling and training time goes (a smaller slice of the cases:
+    128 public questions, 10 steps)."""
+    from lada.data import build_federated_data
+    from lada.data.records import example_prompt, example_target
+    from lada.models.generation import sample_paths
+    from lada.models.loading import load_model
+    from lada.models.training import train_steps
+    from lada.protocol.node import participant_checkpoint
+
+    fed = build_federated_data(cfg.data, cfg.data.seed)
+    lm = load_model(cfg.server, participant_checkpoint(cfg, "llm", progress=False))
+    prompts = [example_prompt(ex) for ex in fed.public[:128]]
+    pairs = [(example_prompt(ex), example_target(ex)) for ex in fed.public[:256]]
+    gen = cfg.generation
+    return {
+        f"llm: sample 128x{gen.paths_per_question} paths": op_shares(
+            lambda: sample_paths(lm, prompts, gen.paths_per_question, gen, seed=0, progress=False)),
+        "llm: train 10 steps, fp32": op_shares(lambda: train_steps(lm, pairs, 10, cfg.train, seed=0, progress=False)),
+    }
 
 
 # ----------------------------------------------------------------------------- one round, by kind of work
@@ -323,13 +384,14 @@ def round_bound(breakdown: dict, cases: dict) -> float | None:
 
 def to_markdown(results: dict) -> str:
     lim = results["limits"]
-    lines = [f"Threads: {results['torch_threads']} of {results['cpus']} CPUs; torch {results['torch']}; "
+    lines = [f"CPU: {results.get('cpu', '?')}. Threads: {results['torch_threads']} of {results['cpus']} CPUs; "
+             f"torch {results['torch']}; "
              f"config `{results['config']}`.", "",
              f"Measured limits: fp32 matmul peak **{lim['fp32_matmul_gflops']:.0f} GFLOP/s**, bf16 matmul "
              f"**{lim['bf16_matmul_gflops']:.0f} GFLOP/s**, memory copy {lim['memory_gb_per_s']:.1f} GB/s.", "",
              "The shape ceiling is the same model's matrix products alone, at the case's rows (batch x tokens), "
-             "timed without the framework: a bound on what that case can reach on this CPU (narrow matrices "
-             "run far below the square-matmul peak).", "",
+             "timed without the framework: a bound on what that case can reach on this CPU (it differs from the "
+             "square-matmul peak in both directions, with the cache and the matrices' widths).", "",
              "| case | seconds | GFLOP/s | % of fp32 peak | shape ceiling (GFLOP/s) | % of ceiling | throughput |",
              "|---|---|---|---|---|---|---|"]
     shown = ("seconds", "gflops", "pct_of_fp32_peak", "shape_ceiling_gflops", "pct_of_shape_ceiling")
@@ -340,6 +402,12 @@ def to_markdown(results: dict) -> str:
         ceil = f"{r['shape_ceiling_gflops']:.0f}" if "shape_ceiling_gflops" in r else "-"
         pct_ceil = f"{r['pct_of_shape_ceiling']:.0f}%" if "pct_of_shape_ceiling" in r else "-"
         lines.append(f"| {name} | {r['seconds']:.2f} | {g} | {pct} | {ceil} | {pct_ceil} | {extra} |")
+    if results.get("op_shares"):
+        groups = list(next(iter(results["op_shares"].values())))
+        lines += ["", "Where the time goes (share of self CPU time by kind of operator, torch profiler):", "",
+                  "| case | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for name, shares in results["op_shares"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{shares[g]:.0f}%" for g in groups) + " |")
     for bd in results.get("rounds", []):
         lines += ["", f"One round of {bd['method']} on `{results['config']}` (inline engine, round 1): "
                       f"**{bd['round_seconds']:.1f} s**.", "", "| work | seconds | % |", "|---|---|---|"]
@@ -380,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = {"fp32_matmul_gflops": matmul_peak(torch.float32), "bf16_matmul_gflops": matmul_peak(torch.bfloat16),
               "memory_gb_per_s": memory_bandwidth()}
     results: dict = {"config": args.config, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                     "cpu": cpu_description(),
                      "python": platform.python_version(), "torch": torch.__version__, "limits": limits}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         return md
 
     results["cases"] = bench_cases(cfg, limits["fp32_matmul_gflops"])
+    save()
+    results["op_shares"] = op_profile(cfg)
     save()
     work = Path(tempfile.mkdtemp(prefix="lada-bench-"))
     results["rounds"] = []
