@@ -87,6 +87,8 @@ def test_markdown_lists_the_op_shares():
     results = {"torch_threads": 2, "cpus": 2, "torch": "x", "config": "c.toml", "cpu": "X (avx2)",
                "limits": {"fp32_matmul_gflops": 200, "bf16_matmul_gflops": 400, "memory_gb_per_s": 30},
                "cases": {}, "op_shares": {"llm: train": {"matmul": 61.6, "attention": 17.0, "other": 21.4}}}
-    md = to_markdown(results)
+    assert "emulated" not in to_markdown(results)
+    md = to_markdown(results | {"bf16_cases": False})
+    assert "bf16 is emulated on this CPU" in md
     assert "CPU: X (avx2)." in md
     assert "| case | matmul | attention | other |" in md and "| llm: train | 62% | 17% | 21% |" in md
