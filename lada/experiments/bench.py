@@ -135,8 +135,9 @@ def _case(cases: dict, name: str, seconds: float, flops: float, peak: float, cei
         cases[name].update(shape_ceiling_gflops=ceiling, pct_of_shape_ceiling=100 * rate / ceiling)
 
 
-def bench_cases(cfg, peak: float, bf16: bool = True) -> dict:
-    """Every model case; ``bf16=False`` skips the bf16 training cases (emulated bf16 is
+def bench_cases(cfg, peak: float, bf16: bool = True) -> tuple[dict, dict]:
+    """Every model case, and where the LLM's sampling and training time goes
+    (``op_profile``); ``bf16=False`` skips the bf16 training cases (emulated bf16 is
     tens of times slower than fp32 and says nothing about a real run)."""
     import torch
 
@@ -152,6 +153,7 @@ def bench_cases(cfg, peak: float, bf16: bool = True) -> dict:
     fed = build_federated_data(cfg.data, cfg.data.seed)
     gen = cfg.generation
     cases: dict = {}
+    shares: dict = {}
     for who, mcfg in [("llm", cfg.server), ("client-0", cfg.clients[0])]:
         lm = load_model(mcfg, participant_checkpoint(cfg, who, progress=True))
         params = sum(p.numel() for p in lm.model.parameters())
@@ -185,6 +187,8 @@ def bench_cases(cfg, peak: float, bf16: bool = True) -> dict:
                   6 * params * stats["tokens"], peak,
                   gemm_ceiling(shapes, stats["tokens"] // steps, backward=True) if precision == "fp32" else None,
                   tokens_per_s=stats["tokens"] / secs, loss=stats["loss"])
+        if who == "llm":
+            shares = op_profile(lm, fed.public, cfg)
     d = cfg.server.hidden_size + 4
     x = torch.randn(cfg.data.public_size * gen.paths_per_question, d, generator=torch.Generator().manual_seed(0))
     filt = LadaFilter(FilterConfig(seed=0))
@@ -194,7 +198,7 @@ def bench_cases(cfg, peak: float, bf16: bool = True) -> dict:
     cases[f"filter: update on {len(idx)} rewards ({filt.cfg.epochs} epochs)"] = {"seconds": secs}
     secs, _ = _timed(lambda: filt.select(x, len(x) // 2))
     cases[f"filter: bandit select of {len(x)} contexts"] = {"seconds": secs}
-    return cases
+    return cases, shares
 
 
 # ----------------------------------------------------------------------------- where a case's time goes
@@ -219,20 +223,15 @@ def op_shares(fn) -> dict[str, float]:
     return {k: 100 * v / whole for k, v in totals.items()}
 
 
-def op_profile(cfg) -> dict[str, dict[str, float]]:
+def op_profile(lm, public: list, cfg) -> dict[str, dict[str, float]]:
     """Where the LLM's sampling and training time goes (a smaller slice of the cases:
     128 public questions, 10 steps)."""
-    from lada.data import build_federated_data
     from lada.data.records import example_prompt, example_target
     from lada.models.generation import sample_paths
-    from lada.models.loading import load_model
     from lada.models.training import train_steps
-    from lada.protocol.node import participant_checkpoint
 
-    fed = build_federated_data(cfg.data, cfg.data.seed)
-    lm = load_model(cfg.server, participant_checkpoint(cfg, "llm", progress=False))
-    prompts = [example_prompt(ex) for ex in fed.public[:128]]
-    pairs = [(example_prompt(ex), example_target(ex)) for ex in fed.public[:256]]
+    prompts = [example_prompt(ex) for ex in public[:128]]
+    pairs = [(example_prompt(ex), example_target(ex)) for ex in public[:256]]
     gen = cfg.generation
     return {
         f"llm: sample 128x{gen.paths_per_question} paths": op_shares(
@@ -365,7 +364,7 @@ def scaling(work: Path, sizes=(3, 10, 30)) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 
-_CASE_OF_PART = {"sampling": ": sample ", "evaluation": ": greedy eval ", "scoring": ": score ", "training": "fp32"}
+_CASE_OF_PART = {"sampling": ": sample ", "evaluation": ": greedy eval ", "scoring": ": score ", "training": ": train "}
 
 
 def round_bound(breakdown: dict, cases: dict) -> float | None:
@@ -377,7 +376,7 @@ def round_bound(breakdown: dict, cases: dict) -> float | None:
     for part, v in breakdown["parts"].items():
         key = _CASE_OF_PART.get(part)
         ratios = [c["pct_of_shape_ceiling"] / 100 for name, c in cases.items()
-                  if key and key in name and "pct_of_shape_ceiling" in c and (part != "training" or "train" in name)]
+                  if key and key in name and "pct_of_shape_ceiling" in c]
         if key and not ratios:
             return None
         total += v["seconds"] * min([1.0, *ratios])
@@ -418,7 +417,7 @@ def to_markdown(results: dict) -> str:
         for k, v in bd["parts"].items():
             lines.append(f"| {k} | {v['seconds']:.1f} | {v['pct']:.0f}% |")
         bound = round_bound(bd, results["cases"])
-        if bound:
+        if bound is not None:
             lines += ["", f"At the shape ceilings (every sampling, scoring, training and evaluation second shrunk "
                           f"by its case's % of ceiling, the most favourable of the two models; the rest unchanged) "
                           f"this round would take at least **{bound:.1f} s**: at most "
@@ -467,9 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     # on an AVX2-only CPU): the bf16 training cases would only take minutes.
     bf16 = limits["bf16_matmul_gflops"] >= 0.5 * limits["fp32_matmul_gflops"]
     results["bf16_cases"] = bf16
-    results["cases"] = bench_cases(cfg, limits["fp32_matmul_gflops"], bf16)
-    save()
-    results["op_shares"] = op_profile(cfg)
+    results["cases"], results["op_shares"] = bench_cases(cfg, limits["fp32_matmul_gflops"], bf16)
     save()
     work = Path(tempfile.mkdtemp(prefix="lada-bench-"))
     results["rounds"] = []
