@@ -183,6 +183,46 @@ def test_same_name_runs_on_node_workspaces_start_from_the_same_state(tmp_path, m
             assert _state(ws / run_id / f"client-{k}")["model_version"] == 1  # one round each, not two
 
 
+@pytest.mark.e2e
+def test_evaluation_rides_on_each_client_s_last_message_and_gives_the_same_numbers(tmp_path):
+    """Each message starts a process on a SuperNode, so a client evaluates at the end of
+    its last message of a round (round 0: 'setup') instead of in a message of its own. A
+    client that leaves the evaluation out (here: never told to add it) is asked with a
+    separate 'evaluate' message, and the numbers are the same either way."""
+    from lada.engines.launch import InlineTransport
+    from lada.experiments.runner import prepare_run_dir
+    from lada.protocol.driver import EVALUATE_FLAG, serve
+
+    class Counting(InlineTransport):
+        def __init__(self, *args, strip_flag: bool, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.strip_flag, self.sent = strip_flag, []
+
+        def exchange(self, phase, rnd, payloads):
+            if self.strip_flag:
+                payloads = {k: {key: v for key, v in p.items() if key != EVALUATE_FLAG} for k, p in payloads.items()}
+            self.sent += [(rnd, phase.name) for k in payloads if k == 0]
+            return super().exchange(phase, rnd, payloads)
+
+    runs = {}
+    for strip in (False, True):
+        run_dir = tmp_path / f"strip-{strip}"
+        cfg = load_config(TINY, [f'run_dir="{run_dir}"', "rounds=2"])
+        prepare_run_dir(cfg)
+        transport = Counting(3, {"run-dir": cfg.run_dir, "run-id": "r"}, strip_flag=strip)
+        serve(cfg, transport, progress=lambda s: None, run_id="r")
+        runs[strip] = (transport.sent, _rows(run_dir))
+    (merged, rows), (separate, rows_separate) = runs[False], runs[True]
+    assert merged == [(0, "setup"), (1, "distill"), (2, "distill")]
+    assert separate == [(0, "setup"), (0, "evaluate"), (1, "distill"), (1, "evaluate"), (2, "distill"), (2, "evaluate")]
+
+    def untimed(rs):
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]
+
+    assert len(rows) == 3 * 4 and untimed(rows) == untimed(rows_separate)
+    assert all(r["accuracy"] is not None and r["seconds"] >= 0 for r in rows)
+
+
 def _interrupt_client(monkeypatch, k: int, rnd: int, exc: BaseException) -> None:
     """Make client ``k`` raise ``exc`` in the CoT distill phase of round ``rnd``."""
     from lada.hosts.cot import CoTHost

@@ -196,7 +196,9 @@ def test_no_private_data_in_any_payload(tmp_path, monkeypatch, method):
     launch.run_engine(cfg, "inline", tmp_path / "run" / "run.log")
     assert (tmp_path / "run" / "DONE").exists()
     phases = {ph for ph, _, _ in cap.messages}
-    assert {"setup", "evaluate"} <= phases and len(phases) > 2, phases  # the host's own phases were captured
+    assert "setup" in phases and len(phases) > 1, phases  # the host's own phases were captured
+    # evaluations ride on a client's last message of each round: their replies were captured too
+    assert any("_eval_accuracy" in p for _, d, p in cap.messages if d.startswith("up")), phases
     ids, questions, frags = _private(cfg)
     leaks = []
     for phase, direction, payload in cap.messages:

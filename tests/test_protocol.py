@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from lada.protocol.driver import FederationError, RoundTraffic, _exchange, handle_message
+from lada.protocol.driver import (EVAL_PREFIX, EVALUATE_FLAG, FederationError, RoundTraffic, _exchange,
+                                  handle_message)
 from lada.protocol.host import Phase
 from lada.protocol.payload import check_payload, payload_nbytes
 
@@ -37,6 +38,21 @@ def test_exchange_counts_bytes_per_client_and_direction():
     assert t.down == {0: 1 + 3, 1: 1}
     assert t.up == {0: 1 + 2, 1: 1 + 4 + len("_seconds") + 8}
     assert t.seconds[1] == 2.0
+
+
+def test_an_evaluation_riding_on_a_phase_is_asked_for_and_kept_out_of_its_traffic():
+    class Seen(_Echo):
+        def exchange(self, phase, rnd, payloads):
+            self.sent = payloads
+            return super().exchange(phase, rnd, payloads)
+
+    t, evaluations = RoundTraffic(), {}
+    echo = Seen({0: {"r": "ab", EVAL_PREFIX + "accuracy": 0.5, EVAL_PREFIX + "n": 4}, 1: {"r": "ab"}})
+    good = _exchange(echo, Phase("x"), 1, {0: {"q": "abc"}, 1: {"q": "abc"}}, t, evaluations=evaluations)
+    assert all(p[EVALUATE_FLAG] is True for p in echo.sent.values())
+    assert evaluations == {0: {"accuracy": 0.5, "n": 4}}  # client 1 left it out: asked separately later
+    assert good == {0: {"r": "ab"}, 1: {"r": "ab"}}  # the host never sees the evaluation
+    assert t.up == {0: 3, 1: 3} and t.down == {0: 4, 1: 4}  # nor does the traffic (or the flag)
 
 
 def test_client_error_fails_loudly_with_the_reason():

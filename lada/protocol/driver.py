@@ -23,6 +23,13 @@ from lada.protocol.payload import Payload, check_payload, payload_nbytes
 
 SETUP = Phase("setup", "query")
 EVALUATE = Phase("evaluate", "evaluate")
+# A client's evaluation rides on its last message of a round (round 0: on 'setup'): the
+# server marks that message with EVALUATE_FLAG and the client adds its evaluation reply,
+# each key prefixed with EVAL_PREFIX. In deployment every message starts a process
+# (import torch, load data and model), so this saves one per client and round. A client
+# that leaves the evaluation out is asked with a separate 'evaluate' message.
+EVALUATE_FLAG = "_evaluate"
+EVAL_PREFIX = "_eval_"
 
 
 class FederationError(RuntimeError):
@@ -55,23 +62,29 @@ class RoundTraffic:
 
 def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, Payload], traffic: RoundTraffic | None,
               failures: dict[int, str] | None = None, bases: dict[int, int] | None = None,
-              attempt: str = "") -> dict[int, Payload]:
+              attempt: str = "", evaluations: dict[int, Payload] | None = None) -> dict[int, Payload]:
     """Send one phase's payloads and return the good replies.
 
     A client that answers with an error or not at all fails the phase: with
     ``failures`` given it is recorded there (client -> reason) and left out of the
     result, otherwise the run stops. ``bases`` adds each client's last committed round
     (see `lada.protocol.commit`) to its payload, with ``attempt`` (which server process
-    runs the round); neither is counted as traffic."""
+    runs the round); neither is counted as traffic. With ``evaluations`` given, each
+    client is asked to evaluate after the phase, and the evaluation replies go there
+    (client -> reply), out of the phase's reply and its traffic."""
     for cid, p in payloads.items():
         check_payload(p, f"{phase.name} payload for client-{cid}")
-    sent = {cid: (dict(p, _base=int(bases[cid]), _attempt=attempt) if bases is not None else p)
+    control: Payload = {EVALUATE_FLAG: True} if evaluations is not None else {}
+    sent = {cid: (dict(p, _base=int(bases[cid]), _attempt=attempt, **control) if bases is not None else dict(p, **control))
             for cid, p in payloads.items()}
     replies = transport.exchange(phase, rnd, sent)
     good: dict[int, Payload] = {}
     for cid in sorted(payloads):
         reply = replies.get(cid)
         if reply is not None and "error" not in reply:
+            evaluation = _split_evaluation(reply)
+            if evaluations is not None and evaluation:
+                evaluations[cid] = evaluation
             good[cid] = reply
             if traffic is not None:
                 traffic.add(cid, payloads[cid], reply, float(reply.get("_seconds", 0.0)))
@@ -85,6 +98,13 @@ def _exchange(transport: Transport, phase: Phase, rnd: int, payloads: dict[int, 
             raise FederationError(full)
         failures[cid] = short
     return good
+
+
+def _split_evaluation(reply: Payload) -> Payload:
+    """Take the evaluation a client added to a phase's reply out of it (keys without
+    EVAL_PREFIX); empty when there is none."""
+    keys = [k for k in reply if k.startswith(EVAL_PREFIX)]
+    return {k[len(EVAL_PREFIX):]: reply.pop(k) for k in keys}
 
 
 def _last_line(text: str) -> str:
@@ -140,7 +160,7 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
     ready: set[int] = set()  # clients that took 'setup' from this server process
     attempt = uuid.uuid4().hex  # a resumed round is another attempt: clients drop the first one's work
 
-    def start_round(rnd: int) -> _Round:
+    def start_round(rnd: int, evaluations: dict[int, Payload] | None = None) -> _Round:
         state = _Round(n, min_clients)
         ids = [k for k in transport.client_ids() if 0 <= k < n]
         for k in range(n):
@@ -150,7 +170,7 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
         if new:
             progress(f"setup: client(s) {new} load their models")
             replies = _exchange(transport, SETUP, rnd, {k: {"config": config_text} for k in new}, None,
-                                state.failures, bases, attempt)
+                                state.failures, bases, attempt, evaluations)
             if replies:
                 host.server_setup(server, replies)
             ready.update(replies)
@@ -158,8 +178,9 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
         state.drop_failed(rnd, "setup", progress)
         return state
 
-    def finish_round(rnd: int, state: _Round, traffic: RoundTraffic, seconds: float) -> None:
-        rows = _evaluate(cfg, transport, server, rnd, traffic, seconds, progress, state, bases, attempt)
+    def finish_round(rnd: int, state: _Round, traffic: RoundTraffic, seconds: float,
+                     evaluations: dict[int, Payload]) -> None:
+        rows = _evaluate(cfg, transport, server, rnd, traffic, seconds, progress, state, bases, attempt, evaluations)
         for k in state.failures:
             ready.discard(k)  # a client that failed gets 'setup' again when it is back
         done = {k: rnd for k in state.active}
@@ -168,24 +189,29 @@ def run_federation(cfg, transport: Transport, server, host: Host, plugin: Plugin
         on_commit(rnd, dict(bases))
 
     if first == 0:
-        state = start_round(0)
-        finish_round(0, state, RoundTraffic(), 0.0)
+        evaluations: dict[int, Payload] = {}
+        state = start_round(0, evaluations)
+        finish_round(0, state, RoundTraffic(), 0.0, evaluations)
     for rnd in range(max(1, first), cfg.rounds + 1):
         t0 = time.perf_counter()
         traffic = RoundTraffic()
         state = start_round(rnd)
-        for phase in host.phases(rnd):
+        evaluations = {}
+        phases = host.phases(rnd)
+        for i, phase in enumerate(phases):
             progress(f"round {rnd}/{cfg.rounds}: {phase.name} ({len(state.active)} client(s))")
             fit_threads()  # the server computes alone while clients wait, and vice versa
             t_phase = time.perf_counter()
             out = host.server_send(phase.name, rnd, server, list(state.active))
             out = {k: p for k, p in out.items() if k in state.active}
-            replies = _exchange(transport, phase, rnd, out, traffic, state.failures, bases, attempt) if out else {}
+            last = evaluations if i == len(phases) - 1 else None  # a client's last message of the round
+            replies = _exchange(transport, phase, rnd, out, traffic, state.failures, bases, attempt, last) if out else {}
             state.drop_failed(rnd, phase.name, progress)
             host.server_receive(phase.name, rnd, replies, server)
             server.log_metric(f"phase_{phase.name}_seconds", time.perf_counter() - t_phase)
             _count_nonfinite_steps(server)
-        finish_round(rnd, state, traffic, time.perf_counter() - t0)
+        finish_round(rnd, state, traffic, time.perf_counter() - t0 - _evaluation_wall(transport, evaluations),
+                     evaluations)
 
 
 def _count_nonfinite_steps(node) -> None:
@@ -204,17 +230,32 @@ def strict_json_row(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def _evaluation_wall(transport: Transport, evaluations: dict[int, Payload]) -> float:
+    """Wall-clock seconds the clients' evaluations riding on a phase added to it: the
+    longest one where clients run side by side, their sum where the transport runs them
+    one after another (the inline engine)."""
+    seconds = [float(e.get("seconds", 0.0)) for e in evaluations.values()]
+    if not seconds:
+        return 0.0
+    return sum(seconds) if getattr(transport, "sequential", False) else max(seconds)
+
+
 def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic, round_seconds: float,
-              progress: Callable[[str], None], state: _Round, bases: dict[int, int], attempt: str) -> list[dict]:
-    """Evaluate every participant still in the round, commit the server's state of the
-    round, and return the metric rows (failed clients get a row saying why)."""
+              progress: Callable[[str], None], state: _Round, bases: dict[int, int], attempt: str,
+              evaluations: dict[int, Payload]) -> list[dict]:
+    """Evaluate every participant still in the round (clients whose evaluation came with
+    their last message are not asked again), commit the server's state of the round,
+    and return the metric rows (failed clients get a row saying why)."""
     from lada.protocol.commit import prune, snapshot
 
-    progress(f"round {rnd}/{cfg.rounds}: evaluate ({len(state.active)} client(s))")
-    fit_threads()
+    ask = [k for k in state.active if k not in evaluations]
     t_clients = time.perf_counter()
-    replies = _exchange(transport, EVALUATE, rnd, {k: {} for k in state.active}, None, state.failures, bases, attempt)
-    state.drop_failed(rnd, "evaluate", progress)
+    replies = {k: e for k, e in evaluations.items() if k in state.active}
+    if ask:
+        progress(f"round {rnd}/{cfg.rounds}: evaluate ({len(ask)} client(s))")
+        fit_threads()
+        replies.update(_exchange(transport, EVALUATE, rnd, {k: {} for k in ask}, None, state.failures, bases, attempt))
+        state.drop_failed(rnd, "evaluate", progress)
     t0 = time.perf_counter()
     correct, cached = _llm_correct(cfg, server)
     llm_row = {"round": rnd, "participant": "llm", "accuracy": sum(correct) / max(1, len(correct)),
@@ -222,7 +263,7 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
                "bytes_down": sum(traffic.down.values()), "lada_bytes_up": sum(traffic.plugin_up.values()),
                "lada_bytes_down": sum(traffic.plugin_down.values()), "seconds": round_seconds,
                "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached),
-               "clients_eval_seconds": t0 - t_clients}
+               "clients_eval_seconds": t0 - t_clients + _evaluation_wall(transport, evaluations)}
     llm_row.update(_accuracy_by_domain(server.test_set, correct))
     llm_row.update(server.pop_metrics())
     server.save_state()
@@ -294,7 +335,8 @@ def handle_message(phase: str, rnd: int, payload: Payload, node_config: dict[str
     except Exception:  # noqa: BLE001 - the reason travels back to the server
         _forget_models()  # a model trained in place by the failed phase must not be reused
         return {"error": traceback.format_exc(limit=20)}
-    reply["_seconds"] = time.perf_counter() - t0
+    # the phase's own seconds: an evaluation riding on it reports its own
+    reply["_seconds"] = time.perf_counter() - t0 - float(reply.get(EVAL_PREFIX + "seconds", 0.0))
     return reply
 
 
@@ -326,15 +368,15 @@ def client_workspace(k: int, node_config: dict[str, Any], run_config: dict[str, 
 
 
 def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any], run_config: dict[str, Any]) -> Payload:
+    from lada.protocol.commit import sync_working
     from lada.protocol.node import ClientNode
-
-    from lada.protocol.commit import snapshot, sync_working
 
     k = client_index(node_config)
     if phase == "hello":
         return {"partition_id": k}
     base = payload.pop("_base", None)  # the last round of this client the server committed
     attempt = str(payload.pop("_attempt", ""))
+    evaluate_after = bool(payload.pop(EVALUATE_FLAG, False)) and phase != EVALUATE.name
     ws = client_workspace(k, node_config, run_config)
     if phase == "setup":
         ws.mkdir(parents=True, exist_ok=True)
@@ -349,28 +391,45 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     # A SuperNode on its own machine names its part of the data split with
     # --node-config "data-dir=/path"; otherwise the run's [data] split_dir is used.
     node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)
-    if phase == "setup":
+    if phase == EVALUATE.name:
+        return _evaluate_client(node, ws, rnd, base)
+    if phase == SETUP.name:
         lm = node.model()
-        return {"n_train": len(node.train_set), "n_test": len(node.test_set),
-                "params": int(sum(p.numel() for p in lm.model.parameters())),
-                "model": node.model_cfg.name, "vocab_size": len(lm.tokenizer)}
-    if phase == "evaluate":
-        from lada.models.generation import evaluate
+        reply: Payload = {"n_train": len(node.train_set), "n_test": len(node.test_set),
+                          "params": int(sum(p.numel() for p in lm.model.parameters())),
+                          "model": node.model_cfg.name, "vocab_size": len(lm.tokenizer)}
+    else:
+        host = registry.make_host(cfg, registry.make_plugin(cfg))
+        from lada.models.training import pop_nonfinite_steps
 
-        res = evaluate(node.model(), node.test_set, cfg.generation)
-        reply: Payload = {"accuracy": float(res.accuracy), "n": int(res.n)}
-        reply.update({f"m_{name}": v for name, v in node.pop_metrics().items()})
+        pop_nonfinite_steps()  # count only this phase's steps
+        reply = host.client_handle(phase, rnd, payload, node)
+        _count_nonfinite_steps(node)
         node.save_state()
+    if evaluate_after:  # exactly as a separate 'evaluate' message of this round would
+        t0 = time.perf_counter()
         if base is not None:
-            snapshot(ws, rnd)  # this round's state, kept until the server commits a later one
-        return reply
-    host = registry.make_host(cfg, registry.make_plugin(cfg))
-    from lada.models.training import pop_nonfinite_steps
+            sync_working(ws, int(base), rnd, EVALUATE.name, attempt)
+        node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)  # the state as saved
+        evaluation = _evaluate_client(node, ws, rnd, base)
+        evaluation["seconds"] = time.perf_counter() - t0
+        reply.update({EVAL_PREFIX + key: v for key, v in evaluation.items()})
+    return reply
 
-    pop_nonfinite_steps()  # count only this phase's steps
-    reply = host.client_handle(phase, rnd, payload, node)
-    _count_nonfinite_steps(node)
+
+def _evaluate_client(node, ws: Path, rnd: int, base: int | None) -> Payload:
+    """The client's test accuracy and the metrics it logged this round; its state of the
+    round is saved (and, under a commit base, snapshotted until the server commits a
+    later round)."""
+    from lada.models.generation import evaluate
+    from lada.protocol.commit import snapshot
+
+    res = evaluate(node.model(), node.test_set, node.cfg.generation)
+    reply: Payload = {"accuracy": float(res.accuracy), "n": int(res.n)}
+    reply.update({f"m_{name}": v for name, v in node.pop_metrics().items()})
     node.save_state()
+    if base is not None:
+        snapshot(ws, rnd)
     return reply
 
 
