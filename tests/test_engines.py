@@ -290,21 +290,6 @@ def test_federation_up_down(tmp_path):
     assert not (tmp_path / "fed" / "federation.json").exists()
 
 
-@pytest.mark.e2e
-def test_deployment_on_running_superlink(echo_app, tmp_path):
-    """`--superlink HOST:PORT`: the config travels as text, success is read from the log."""
-    state = federation_up(2, tmp_path / "fed")
-    try:
-        cfg = echo_config(tmp_path / "run")
-        cfg.engine.insecure = True  # a plain local federation: no TLS, said explicitly
-        run_engine(cfg, "deployment", tmp_path / "run" / "run.log", superlink=state["superlink"], app_dir=echo_app)
-        check_echo(tmp_path / "run")
-        assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()
-    finally:
-        federation_down(tmp_path / "fed")
-    assert not any(_running(p) for p in state["pids"].values())
-
-
 # ----------------------------------------------------------------------------- full runs of the tiny config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,17 +307,18 @@ SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
 
 
 @pytest.mark.e2e
-# The Deployment Engine is covered by the TLS runs below and test_shutdown's runs; here
-# it would add minutes (a ClientApp process per message) for no code path of its own.
-@pytest.mark.parametrize("engine, host", [("inline", "standalone"), ("simulation", "cot"),
-                                          ("simulation", "fedmkt"), ("simulation", "fedcollm")])
-def test_tiny_run(engine, host, tmp_path, monkeypatch):
+# Every host's payloads go through Flower's records and their serialized form on the
+# inline engine too (InlineTransport), so the hosts run inline here. The Flower engines
+# are covered by test_runs' inline-vs-simulation run, the TLS runs below and
+# test_shutdown's runs; here each would add a Flower start-up (half a minute or more)
+# for no code path of its own.
+@pytest.mark.parametrize("host", ["standalone", "cot", "fedmkt", "fedcollm"])
+def test_tiny_run(host, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # Deployment starts a process per message: one round keeps the test short.
-    rounds = 1 if engine == "deployment" else 2
+    rounds = 2
     extra = SAME_SLM if host == "fedcollm" else ()
     cfg = tiny_config(tmp_path / "run", f'host.name="{host}"', f"rounds={rounds}", *extra)
-    run_engine(cfg, engine, tmp_path / "run" / "run.log")
+    run_engine(cfg, "inline", tmp_path / "run" / "run.log")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     participants = ["llm"] + [f"client-{k}" for k in range(len(cfg.clients))]
     assert [(r["round"], r["participant"]) for r in rows] == [(t, p) for t in range(rounds + 1) for p in participants]
@@ -357,31 +343,17 @@ def test_tiny_run_client_error_is_loud(tmp_path, monkeypatch):
     assert "client-1" in str(e.value) and "empty-checkpoint" in str(e.value)
 
 
-@pytest.mark.e2e
-def test_tiny_lada_run_through_simulation(tmp_path, monkeypatch):
-    """The LaDa plug-in on the CoT host with paths both ways (``upward``) through Flower's
-    simulation runtime: both directions run their filter, and its diagnostics land in
-    the metrics (the tiny models find few verified paths; filter learning is tested in
-    test_lada_plugin)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = tiny_config(tmp_path / "run", 'plugin.name="lada"', "host.upward=true", "rounds=2")
-    run_engine(cfg, "simulation", tmp_path / "run" / "run.log")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    clients = [r for r in rows if r["participant"] != "llm" and r["round"] > 0]
-    assert clients and all("lada_down_candidates" in r and "lada_down_filter_seconds" in r for r in clients)
-    llm = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
-    assert all(any(k.startswith("lada_up") for k in r) for r in llm)
-
-
 # ----------------------------------------------------------------------------- TLS + SuperNode authentication
 
 @pytest.mark.e2e
 def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
     """`lada federation up --tls --auth` as on several machines: a CA and SuperLink
     certificate, a registered key per SuperNode, each node reading only its part of a
-    `lada data split` and keeping state in a node workspace; tiny-test runs over it
-    twice under the same name (both runs start from the same state), and a SuperNode
-    whose key was never registered is refused."""
+    `lada data split` and keeping state in a node workspace under the run's id (the
+    submission of a run to a SuperLink that is not ours: the config travels as text,
+    success is read from the log); and a SuperNode whose key was never registered is
+    refused. Runs that share a name get their own ids (test_run_ids_differ_per_submission)
+    and so their own client state (test_faults' same-name runs)."""
     import subprocess
 
     from lada.data.split import write_split
@@ -394,28 +366,7 @@ def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
     intruder = None
     try:
         assert state["tls"] and state["auth"] and Path(state["root_certificates"]).is_file()
-        # Two runs with the same name on SuperNodes that keep state in a node workspace:
-        # each starts from the warm-up, never from the other's final models.
-        split_dir = str(write_split(tiny_config(tmp_path / "run0").data, 0, tmp_path / "split"))
-        results = []
-        for i in range(2):
-            cfg = tiny_config(tmp_path / f"run{i}", "rounds=1")  # name "tiny-test" both times
-            cfg.engine.root_certificates = state["root_certificates"]
-            cfg.data.split_dir = split_dir
-            rows = run(cfg, engine="deployment", superlink=state["superlink"])
-            assert {r["participant"] for r in rows} == {"llm", "client-0", "client-1", "client-2"}
-            assert "lada-run-status: ok" in (tmp_path / f"run{i}" / "run.log").read_text()
-            run_id = json.loads((tmp_path / f"run{i}" / "run.json").read_text())["run_id"]
-            results.append((run_id, {(r["round"], r["participant"]): r["accuracy"] for r in rows}))
-        (id_a, acc_a), (id_b, acc_b) = results
-        assert id_a != id_b and sorted(p.name for p in ws.iterdir()) == sorted([id_a, id_b])
-        assert acc_a == acc_b
-        for run_id in (id_a, id_b):
-            for k in range(3):
-                node_state = json.loads((ws / run_id / f"client-{k}" / "state.json").read_text())
-                assert node_state["model_version"] == 1  # one round each, not two
-
-        # A SuperNode with a key the SuperLink does not know.
+        # A SuperNode with a key the SuperLink does not know, started beside the run.
         key, _ = make_node_keys(tmp_path / "intruder", "intruder")
         log = (tmp_path / "intruder.log").open("wb")
         intruder = subprocess.Popen(
@@ -423,6 +374,21 @@ def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
              "--auth-supernode-private-key", str(key), "--superlink", state["superlink"], "--port", str(free_port()),
              "--max-retries", "1", "--node-config", "partition-id=0 num-partitions=3"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=flower_env(tmp_path / "intruder"))
+        split_dir = str(write_split(tiny_config(tmp_path / "run").data, 0, tmp_path / "split"))
+        cfg = tiny_config(tmp_path / "run", "rounds=1")
+        cfg.engine.root_certificates = state["root_certificates"]
+        cfg.data.split_dir = split_dir
+        rows = run(cfg, engine="deployment", superlink=state["superlink"])
+        assert sorted((r["round"], r["participant"]) for r in rows) == sorted(
+            (t, p) for t in (0, 1) for p in ("llm", "client-0", "client-1", "client-2"))
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+        assert "lada-run-status: ok" in (tmp_path / "run" / "run.log").read_text()
+        run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+        assert sorted(p.name for p in ws.iterdir()) == [run_id]
+        for k in range(3):
+            node_state = json.loads((ws / run_id / f"client-{k}" / "state.json").read_text())
+            assert node_state["model_version"] == 1  # one round
+
         try:
             code = intruder.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -439,6 +405,15 @@ def test_tiny_test_over_tls_with_supernode_auth(tmp_path):
             intruder.kill()
         federation_down(tmp_path / "fed")
     assert not any(_running(p) for p in state["pids"].values())
+
+
+def test_run_ids_differ_per_submission():
+    """Clients key their state by run id: two submissions under one name never share it."""
+    from lada.engines.launch import new_run_id
+
+    a, b = new_run_id("tiny test/1"), new_run_id("tiny test/1")
+    assert a != b and a.startswith("tiny-test-1-") and "/" not in a
+    assert new_run_id("...").startswith("run-")
 
 
 def test_remote_connection_settings(tmp_path, capsys):

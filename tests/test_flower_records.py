@@ -5,20 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-
-from lada.engines.records import payload_to_recorddict, recorddict_to_payload
+from lada.engines.records import over_the_wire, payload_to_recorddict, recorddict_to_payload, wire_copy
 from lada.protocol.payload import check_payload
-
-
-def over_the_wire(content: RecordDict) -> RecordDict:
-    objects = get_all_nested_objects(content)
-    contents = {oid: obj.deflate() for oid, obj in objects.items()}
-    out = inflate_object_from_contents(content.object_id, contents)
-    assert isinstance(out, RecordDict)
-    return out
 
 
 def roundtrip(payload, meta=None):
@@ -71,6 +59,15 @@ def test_every_supported_type_roundtrips():
     out, meta = roundtrip(payload, {"round": 3, "phase": "distill"})
     assert_same(payload, out)
     assert meta == {"round": 3, "phase": "distill"}
+
+
+def test_the_inline_engine_s_copy_is_the_wire_s_and_shares_nothing():
+    payload = {"ids": [3, 1], "x": np.arange(4, dtype=np.float16), "yes": True, "texts": ["a"]}
+    out = wire_copy(payload)
+    assert_same(payload, out)
+    out["ids"].append(9)
+    out["x"][0] = 7
+    assert payload["ids"] == [3, 1] and payload["x"][0] == 0
 
 
 def test_large_array_is_chunked_and_exact():

@@ -94,6 +94,13 @@ def test_the_same_seed_twice_gives_the_same_metrics(inline_rows, tmp_path, monke
 
 @pytest.mark.e2e
 def test_inline_and_simulation_engines_give_the_same_numbers(inline_rows, tmp_path, monkeypatch):
+    """The LaDa plug-in on the CoT host with paths both ways through Flower's simulation
+    runtime: the same numbers as inline, and both directions' filter diagnostics land in
+    the metrics (filter learning is tested in test_lada_plugin)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     simulated = tiny_run(tmp_path / "run", "simulation", *HOSTS["cot"], *LADA)
     assert without_timing(simulated) == without_timing(inline_rows)
+    clients = [r for r in simulated if r["participant"] != "llm" and r["round"] > 0]
+    assert clients and all("lada_down_candidates" in r and "lada_down_filter_seconds" in r for r in clients)
+    llm = [r for r in simulated if r["participant"] == "llm" and r["round"] > 0]
+    assert llm and all(any(k.startswith("lada_up") for k in r) for r in llm)

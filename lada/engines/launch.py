@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-import numpy as np
-
 from lada.config import RunConfig
 from lada.engines.local import LocalFederation, flower_env, flower_executable, free_port, stop_pids
 from lada.protocol.driver import handle_message, serve
@@ -44,8 +42,12 @@ class EngineError(RuntimeError):
 # ----------------------------------------------------------------------------- inline engine
 
 class InlineTransport:
-    """Calls `handle_message` for each client in this process. Payloads are copied
-    both ways so no object is shared between "server" and "client" by accident."""
+    """Calls `handle_message` for each client in this process, one after another.
+    Payloads go both ways through Flower's records and their serialized form
+    (`lada.engines.records.wire_copy`), as on the Flower engines, so no object is shared
+    between "server" and "client" and a payload Flower cannot carry fails here too."""
+
+    sequential = True  # clients run one after another (see lada.protocol.driver._evaluation_wall)
 
     def __init__(self, num_clients: int, run_config: dict, workspace: str | Path | None = None,
                  log: Callable[[str], None] | None = None) -> None:
@@ -58,22 +60,20 @@ class InlineTransport:
         return list(range(self.num_clients))
 
     def exchange(self, phase: Phase, rnd: int, payloads: dict[int, Payload]) -> dict[int, Payload]:
+        from lada.engines.records import wire_copy  # imports Flower: not needed until a run
+
         replies = {}
         for i, (k, payload) in enumerate(sorted(payloads.items()), 1):
             node_config = {"partition-id": k, "num-partitions": self.num_clients}
             if self.workspace:
                 node_config["workspace"] = self.workspace
             t0 = time.perf_counter()
-            replies[k] = _copy(handle_message(phase.name, rnd, _copy(payload), node_config, self.run_config))
+            replies[k] = wire_copy(handle_message(phase.name, rnd, wire_copy(payload), node_config, self.run_config))
             elapsed = time.perf_counter() - t0
             if self.log is not None and elapsed > 2.0:  # progress on phases long enough to wonder about
                 state = "failed" if "error" in replies[k] else "done"
                 self.log(f"round {rnd}, phase {phase.name!r}: client-{k} {state} in {elapsed:.1f}s ({i}/{len(payloads)})")
         return replies
-
-
-def _copy(p: Payload) -> Payload:
-    return {k: (v.copy() if isinstance(v, np.ndarray) else copy.copy(v)) for k, v in p.items()}
 
 
 # ----------------------------------------------------------------------------- entry point

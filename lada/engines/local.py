@@ -226,6 +226,7 @@ class LocalFederation:
             self._wait("superlink", link, lambda: _healthy(self.port, self.root_certificates))
             # K SuperNodes on this machine compute at once: each takes 1/K of the cores (lada.threads)
             node_env = dict(env, LADA_WORKERS=env.get("LADA_WORKERS") or str(self.num_clients))
+            nodes = []  # started together, then waited for: each takes seconds to import Flower
             for k in range(self.num_clients):
                 node_security = ["--root-certificates", str(self.root_certificates)] if self.tls else ["--insecure"]
                 if self.auth:
@@ -238,7 +239,9 @@ class LocalFederation:
                 node = self._spawn(f"supernode-{k}", [
                     flower_executable("flower-supernode"), *node_security, "--superlink", self.address,
                     "--port", str(node_port), "--node-config", node_config], node_env)
-                self._wait(f"supernode-{k}", node, lambda p=node_port: _port_open(p))
+                nodes.append((f"supernode-{k}", node, node_port))
+            for name, node, node_port in nodes:
+                self._wait(name, node, lambda p=node_port: _port_open(p))
         except BaseException:
             self.stop()
             raise

@@ -57,3 +57,24 @@ def recorddict_to_payload(content: RecordDict) -> tuple[Payload, dict[str, Any]]
             payload[key] = arr.numpy()
     meta = dict(content.config_records[META]) if META in content.config_records else {}
     return payload, meta
+
+
+def over_the_wire(content: RecordDict) -> RecordDict:
+    """``content`` as the receiver of a Flower 1.42 message gets it: split into Flower's
+    inflatable objects, each deflated to bytes, and inflated again."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    out = inflate_object_from_contents(content.object_id, contents)
+    if not isinstance(out, RecordDict):
+        raise TypeError(f"a RecordDict came back from the wire as {type(out).__name__}")
+    return out
+
+
+def wire_copy(payload: Payload) -> Payload:
+    """The payload as the other side of a Flower message gets it (`over_the_wire`). The
+    inline engine sends every payload through this, so a value that Flower would not
+    carry the same way fails there as it would on the Flower engines, and nothing is
+    shared by reference."""
+    return recorddict_to_payload(over_the_wire(payload_to_recorddict(payload)))[0]
