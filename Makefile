@@ -26,11 +26,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lada run configs/default.toml --set rounds=2 --set train.length_buckets=true --run-dir runs/demo --overwrite
 
+# Tests run on one worker per logical CPU, at most 4 (pytest-xdist): the Flower end-to-end runs
+# spend much of their time waiting on process start-ups and polls, which another test's
+# work fills. Each test process computes on one thread (tests/conftest.py).
+TEST_WORKERS ?= -n logical --maxprocesses 4 --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q $(TEST_WORKERS) -m "not e2e"
 
 bench: $(STAMP)
 	$(BIN)/python -m lada.experiments.bench --out bench/results.json

@@ -119,7 +119,10 @@ def test_supernode_killed_mid_round_leaves_a_completed_run_with_the_client_missi
     try:
         proc = subprocess.Popen([LADA, "run", TINY, "--engine", "deployment", "--superlink", state["superlink"],
                                  "--insecure", "--run-dir", str(run_dir), "--set", "rounds=1", "--set", "engine.min_clients=2",
-                                 "--set", "engine.reply_timeout_s=30"],
+                                 # long enough for a phase of the live clients while other tests run beside
+                                 # this one; Flower itself reports the killed node after about 60 s
+                                 # (two missed 30 s heartbeats)
+                                 "--set", "engine.reply_timeout_s=90"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         _wait_for(run_dir / "server.log", "round 1/1: distill", proc, 180, set(), tmp_path)
         victim = state["pids"]["supernode-1"]
