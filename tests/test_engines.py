@@ -307,9 +307,9 @@ SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
 
 
 @pytest.mark.e2e
-# Every host's payloads go through Flower's records and their serialized form on the
+# Every host's payloads go through Flower's records and their wire form on the
 # inline engine too (InlineTransport), so the hosts run inline here. The Flower engines
-# are covered by test_runs' inline-vs-simulation run, the TLS runs below and
+# are covered by test_runs' inline-vs-simulation run, the TLS run below and
 # test_shutdown's runs; here each would add a Flower start-up (half a minute or more)
 # for no code path of its own.
 @pytest.mark.parametrize("host", ["standalone", "cot", "fedmkt", "fedcollm"])
