@@ -390,7 +390,8 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
     fit_threads(client_workers(cfg))
     # A SuperNode on its own machine names its part of the data split with
     # --node-config "data-dir=/path"; otherwise the run's [data] split_dir is used.
-    node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)
+    data_dir = node_config.get("data-dir") or None
+    node = ClientNode(cfg, k, ws, data_dir=data_dir)
     if phase == EVALUATE.name:
         return _evaluate_client(node, ws, rnd, base)
     if phase == SETUP.name:
@@ -410,7 +411,7 @@ def _handle(phase: str, rnd: int, payload: Payload, node_config: dict[str, Any],
         t0 = time.perf_counter()
         if base is not None:
             sync_working(ws, int(base), rnd, EVALUATE.name, attempt)
-        node = ClientNode(cfg, k, ws, data_dir=node_config.get("data-dir") or None)  # the state as saved
+        node = ClientNode(cfg, k, ws, data_dir=data_dir)  # the state as saved
         evaluation = _evaluate_client(node, ws, rnd, base)
         evaluation["seconds"] = time.perf_counter() - t0
         reply.update({EVAL_PREFIX + key: v for key, v in evaluation.items()})
