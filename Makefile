@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: venv demo test test-fast bench warmup clean
+.PHONY: venv demo test test-fast bench warmup summary clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11)"; exit 1; }
@@ -39,6 +39,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m lada.experiments.bench --out bench/results.json
+
+# The cross-scenario table (results/summary.md and the README's block) from finished runs.
+summary: $(STAMP)
+	$(BIN)/lada summary results/summary.toml --readme README.md
 
 warmup: $(STAMP)
 	$(BIN)/lada warmup configs/default.toml --ship

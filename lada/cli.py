@@ -1,4 +1,4 @@
-"""Command line: `lada run | eval | warmup | grid | federation | report`."""
+"""Command line: `lada run | eval | warmup | grid | premises | summary | federation | data | report`."""
 
 from __future__ import annotations
 
@@ -187,6 +187,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    from lada.experiments.summary import main_summary
+
+    return main_summary(args.spec, args.out, args.readme)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lada", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -266,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--parts", default="", help="comma-separated subset of base,down,up,learn,central (default: all)")
     pm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the config")
     pm.set_defaults(func=cmd_premises)
+
+    sm = sub.add_parser("summary", help="host vs host + LaDa across the scenario x task grids a spec lists "
+                        "(a table from finished runs; --readme writes its headline block into the README)")
+    sm.add_argument("spec", help="TOML with one [[grid]] table per grid, e.g. results/summary.toml")
+    sm.add_argument("--out", default=None, help="the summary page (default: the spec's path with .md)")
+    sm.add_argument("--readme", default=None, help="also rewrite this file's lada summary block")
+    sm.set_defaults(func=cmd_summary)
 
     rp = sub.add_parser("report", help="rewrite a run's table and plot from its metrics.jsonl")
     rp.add_argument("run_dir")

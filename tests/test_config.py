@@ -134,6 +134,15 @@ def test_a_scenario_is_the_paper_config_but_for_its_models(path):
         assert (server["hidden_size"], server["num_layers"]) != (c["hidden_size"], c["num_layers"])
 
 
+def test_paper_task2_is_the_paper_config_on_the_choice_task():
+    paper = tomllib.loads((CONFIGS / "paper.toml").read_text())
+    task2 = tomllib.loads((CONFIGS / "paper-task2.toml").read_text())
+    assert task2["data"].pop("task") == "choice" and task2.pop("name") == "paper-task2"
+    paper.pop("name")
+    assert task2 == paper
+    assert load_config(CONFIGS / "paper-task2.toml").data.task == "choice"
+
+
 def test_build_dataclass_rejects_non_table():
     with pytest.raises(ConfigError, match="expected a table"):
         build_dataclass(RunConfig, [1, 2], "x")
