@@ -133,3 +133,64 @@ def test_the_shared_slm_base_warms_up_on_all_of_the_servers_general_data_and_not
     assert len(examples) > len(client_general(server.train))  # longer problems too
     private = {ex.id for k in range(len(cfg.clients)) for ex in participant_data(cfg, f"client{k}").train}
     assert private and not private & {ex.id for ex in examples}
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(next(path.glob("*.safetensors"))))
+
+
+def test_a_stopped_warmup_goes_on_from_its_saved_state_and_ends_as_an_unbroken_one(tmp_path, monkeypatch):
+    """Two stages; the first attempt is stopped (Ctrl-C) at step 3 of stage 2. The second
+    attempt resumes there, not from scratch, and its checkpoint equals an unbroken warm-up's
+    bit for bit; the partial state is gone afterwards."""
+    from lada.models import training
+
+    monkeypatch.setattr(training, "SAVE_EVERY_S", 0.0)  # save before every step
+    stages = [(generate("general", 12, seed=0, max_steps=2), 4), (generate("shop", 10, seed=1, max_steps=2), 6)]
+    cfg = _cfg(name="tiny-gpt2")
+    unbroken = warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "a", train_cfg=TRAIN, progress=False,
+                                 stages=stages, use_shipped=False)
+    real, calls = training.lm_loss, []
+
+    def stop_at(n):
+        def loss(model, batch):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(model, batch)
+        return loss
+
+    monkeypatch.setattr(training, "lm_loss", stop_at(4 + 3))  # stage 1's 4 steps, then stage 2's 3rd
+    with pytest.raises(KeyboardInterrupt):
+        warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "b", train_cfg=TRAIN, progress=False, stages=stages,
+                          use_shipped=False)
+    partial = tmp_path / "b" / "warmup" / f"{unbroken.name}.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["stage0.pt", "stage1.pt"]
+    calls.clear()
+    monkeypatch.setattr(training, "lm_loss", stop_at(10 ** 6))
+    resumed = warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "b", train_cfg=TRAIN, progress=False,
+                                stages=stages, use_shipped=False)
+    assert len(calls) == 6 - 2  # stage 2's steps 3-6 only: stage 1 and two steps of stage 2 were saved
+    assert resumed.name == unbroken.name and not partial.exists()
+    a, b = _weights(unbroken), _weights(resumed)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    meta_a, meta_b = read_meta(unbroken), read_meta(resumed)
+    assert [s["steps"] for s in meta_b["stages"]] == [4, 6]
+    assert meta_b["final_loss"] == meta_a["final_loss"]
+
+
+def test_a_saved_state_of_another_call_is_not_resumed(tmp_path, monkeypatch, caplog):
+    from lada.models import training
+    from lada.models.loading import build_model
+
+    monkeypatch.setattr(training, "SAVE_EVERY_S", 0.0)
+    pairs = [(f"Question: {i}+1?\nAnswer:\n", f"#### {i + 1}") for i in range(8)]
+    state = tmp_path / "state.pt"
+    lm = build_model(_cfg(), CORPUS, 0, tmp_path)
+    training.train_steps(lm, pairs, 3, TRAIN, 0, resume_file=state, progress=False)
+    lm2 = build_model(_cfg(), CORPUS, 0, tmp_path)
+    with caplog.at_level("WARNING", logger="lada.training"):
+        stats = training.train_steps(lm2, pairs, 5, TRAIN, 0, resume_file=state, progress=False)  # 5 steps, not 3
+    assert stats["steps"] == 5 and "holds the state of another training call" in caplog.text

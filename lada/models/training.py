@@ -11,6 +11,12 @@ decay to 10% of the peak at the last step (``schedule="cosine"``, the default), 
 flat rate after the warm-up (``schedule="constant"``). Each call builds a fresh AdamW,
 so a federated round's local training is self-contained.
 
+Long calls (warm-ups: thousands of steps) can be resumed: with ``resume_file``, the
+weights, optimizer moments, step, RNG and statistics are saved there every
+``save_every_s`` seconds and at the end, and a call that finds a matching file goes on
+from it; the result equals an uninterrupted call's (the batch stream is replayed to the
+saved step, and the learning rate is a function of the step).
+
 Non-finite numbers never reach the weights silently: a step whose loss or gradient is
 not finite is skipped and counted; a call that skips more than half of its steps, or
 ends with non-finite weights, raises `NonFiniteError` (the caller never saves them).
@@ -18,9 +24,12 @@ ends with non-finite weights, raises `NonFiniteError` (the caller never saves th
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +41,7 @@ from lada.config import TrainConfig
 from lada.timing import timed_fn
 
 IGNORE = -100
+log = logging.getLogger("lada.training")
 
 # Steps skipped for a non-finite loss or gradient in this process since the last
 # `pop_nonfinite_steps()`; the protocol reports them in the participant's metrics row.
@@ -41,6 +51,8 @@ _NONFINITE_STEPS = 0
 # A call that has to skip more than this share of its steps has diverged (a learning
 # rate far too high, say): it fails instead of returning garbage weights as a result.
 MAX_SKIPPED_FRACTION = 0.5
+# How often a resumable call (``resume_file``) saves its state, in seconds of training.
+SAVE_EVERY_S = 120.0
 
 
 class NonFiniteError(FloatingPointError):
@@ -156,7 +168,8 @@ def index_batches(n: int, batch_size: int, seed: int, lengths: list[int] | None 
 def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainConfig, seed: int,
                 extra_loss: Callable[[int], torch.Tensor | None] | None = None, desc: str = "train",
                 lr: float | None = None, batch_size: int | None = None, schedule: str = "cosine",
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, resume_file: str | Path | None = None,
+                save_every_s: float | None = None, save_final: bool = True) -> dict:
     """Run ``steps`` AdamW steps on batches of ``pairs`` (``lm`` is a LoadedModel).
 
     ``extra_loss(step)`` may return a scalar tensor that is added to the LM loss (for
@@ -166,6 +179,9 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     "seconds", "tokens": non-pad tokens processed, "target_tokens", "skipped":
     steps skipped for a non-finite loss or gradient}``; raises `NonFiniteError` if more
     than half of the steps were skipped or the weights are not finite at the end.
+    ``resume_file``: save the training state there (see the module doc) and go on from
+    it if it holds a state of this very call (same steps, seed, data size, lr, batch);
+    ``save_final`` also saves the finished state (what a later stage resumes after).
     """
     global _NONFINITE_STEPS
     if steps <= 0:
@@ -185,12 +201,35 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     batches = index_batches(len(encoded), bs, seed, lengths) if encoded else None
     losses: list[float] = []
     tokens = target_tokens = skipped = 0
+    start, before = 0, 0.0  # steps and seconds of an earlier, interrupted call
+    key = {"steps": steps, "seed": seed, "examples": len(encoded), "lr": peak, "batch_size": bs,
+           "extra_loss": extra_loss is not None}
+    if resume_file is not None and (state := _read_state(Path(resume_file), key, desc)):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, before, losses = state["step"], state["seconds"], state["losses"]
+        tokens, target_tokens, skipped = state["tokens"], state["target_tokens"], state["skipped"]
+        for _ in range(start if batches is not None else 0):
+            next(batches)  # replay the batch stream to the saved step
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True,
+               initial=start, total=steps)
+    t0 = last_save = time.perf_counter()
+    every = SAVE_EVERY_S if save_every_s is None else save_every_s
+
+    def save(step: int) -> None:
+        _write_state(Path(resume_file), {
+            "key": key, "step": step, "seconds": before + time.perf_counter() - t0, "losses": losses,
+            "tokens": tokens, "target_tokens": target_tokens, "skipped": skipped, "rng": torch.get_rng_state(),
+            "model": model.state_dict(), "optimizer": opt.state_dict()})
+
     model.train()
     try:
         for step in bar:
+            if resume_file is not None and time.perf_counter() - last_save >= every:
+                save(step)  # the state before this step: `step` steps done
+                last_save = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = peak * lr_factor(step, steps, schedule)
             loss = None
@@ -220,6 +259,8 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if resume_file is not None and save_final and start < steps:
+            save(steps)  # a finished call: a resumed multi-stage warm-up skips it
     finally:
         model.eval()
         bar.close()
@@ -235,5 +276,30 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     tail = losses[-10:]
     return {"loss": sum(tail) / len(tail) if tail else float("nan"),
             "first_loss": losses[0] if losses else float("nan"), "steps": len(losses),
-            "seconds": time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens,
+            "seconds": before + time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens,
             "skipped": skipped}
+
+
+def _read_state(path: Path, key: dict, desc: str) -> dict | None:
+    """A saved training state of this very call, or None (no file, or another call's)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated file cannot happen (atomic replace), but a foreign one can
+        log.warning("%s: cannot read the saved training state %s (%s); starting over", desc, path, e)
+        return None
+    if state.get("key") != key:
+        log.warning("%s: %s holds the state of another training call (%s, not %s); starting over",
+                    desc, path, state.get("key"), key)
+        return None
+    log.info("%s: resuming at step %d of %d from %s", desc, state["step"], key["steps"], path)
+    return state
+
+
+def _write_state(path: Path, state: dict) -> None:
+    """Atomically: a crash while saving leaves the previous state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -10,7 +10,10 @@ shipped in the repo's ``checkpoints/`` folder, so a fresh clone never trains the
 Lookup order in :func:`warmup_checkpoint`: ``model_cfg.checkpoint`` if set, then the
 shipped ``checkpoints/<fingerprint>``, then ``<cache_dir>/warmup/<fingerprint>``, else
 train (into a temporary directory that is renamed into place when complete, so a
-crashed or concurrent warm-up never leaves a half-written checkpoint).
+crashed or concurrent warm-up never leaves a half-written checkpoint). While it trains,
+its state is saved every two minutes under ``<cache_dir>/warmup/<fingerprint>.partial``,
+so a warm-up that is stopped (Ctrl-C, a killed job) goes on from there the next time it
+is asked for, with the result an unbroken warm-up gives.
 
 Regenerate the shipped checkpoints and print the calibration table with::
 
@@ -127,7 +130,8 @@ def warmup_checkpoint(model_cfg: ModelConfig, examples: list[Example], corpus: l
         return final
     tmp = final.with_name(f"{fp}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    meta = _train(model_cfg, plan, corpus, seed, cache_dir, train_cfg, progress, tmp)
+    partial = final.with_name(f"{fp}.partial")
+    meta = _train(model_cfg, plan, corpus, seed, cache_dir, train_cfg, progress, tmp, partial)
     meta.update(fingerprint=fp, inputs=fingerprint_inputs(model_cfg, plan, corpus, seed, train_cfg))
     (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -137,11 +141,12 @@ def warmup_checkpoint(model_cfg: ModelConfig, examples: list[Example], corpus: l
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / META).is_file():
             raise
+    shutil.rmtree(partial, ignore_errors=True)
     return final
 
 
 def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: int, cache_dir: str | Path,
-           train_cfg: TrainConfig | None, progress: bool, out: Path) -> dict:
+           train_cfg: TrainConfig | None, progress: bool, out: Path, partial: Path | None = None) -> dict:
     from lada.models.loading import build_model, save_model
     from lada.models.training import train_steps
 
@@ -158,7 +163,9 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
         t0 = time.perf_counter()
         stats = train_steps(lm, pairs, steps, tcfg, seed + i, desc=f"warm-up {cfg.name} stage {i + 1}",
                             lr=model_cfg.warmup_lr, batch_size=model_cfg.warmup_batch_size,
-                            progress=None if progress else False)
+                            progress=None if progress else False,
+                            resume_file=partial / f"stage{i}.pt" if partial else None,
+                            save_final=i < len(plan) - 1)  # a stage that is not the last one
         stage_meta.append({"steps": steps, "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1),
                            **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
     seconds = time.perf_counter() - start
