@@ -157,7 +157,7 @@ def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
     return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []),
-                     args.report_only)
+                     args.report_only, args.tag)
 
 
 def cmd_premises(args) -> int:
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base config")
     g.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the table and plot from finished runs, or fail naming the missing ones")
+    g.add_argument("--tag", default="", help="write results-TAG.md, summary-TAG.json, accuracy-TAG.png instead of "
+                   "results.md, ... (reports of other seed or method subsets in the same --out)")
     g.set_defaults(func=cmd_grid)
 
     pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "

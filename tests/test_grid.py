@@ -188,3 +188,8 @@ def test_report_only_runs_nothing_and_names_every_missing_cell(tmp_path, monkeyp
         grid.run_grid(base, ["cot"], [0], out, engine="inline", report_only=True)
     grid.run_grid(base, ["cot"], [0], out, report_only=True)
     assert calls == [] and "| cot |" in (out / "results.md").read_text()
+    # a tagged report lives beside the untagged one and leaves it alone
+    (out / "results.md").write_text("kept\n")
+    grid.run_grid(base, ["cot"], [0], out, report_only=True, tag="seed0")
+    assert (out / "results.md").read_text() == "kept\n" and "| cot |" in (out / "results-seed0.md").read_text()
+    assert (out / "summary-seed0.json").is_file()

@@ -110,13 +110,21 @@ def test_cli_writes_the_page_and_the_readme_block(tmp_path, capsys):
     _run(tmp_path / "g", "cot", 3, [0.5, 0.5], 0.2)
     _run(tmp_path / "g", "cot+lada", 3, [0.6, 0.5], 0.2)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{S.BEGIN.format(spec='old.toml')}\nstale\n{S.END}\nafter\n")
+    (tmp_path / "table.md").write_text("| a |\n|---|\n| 1 |\n")
+    readme.write_text(f"# x\n\nbefore\n{S.BEGIN.format(spec='old.toml')}\nstale\n{S.END}\nafter\n"
+                      "<!-- include: table.md -->\nold table\n<!-- end include -->\n")
     spec = _spec(tmp_path, GRID)
     assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "stale" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{S.END}\nafter\n")
+    assert "stale" not in text and text.startswith("# x\n\nbefore\n")
+    assert text.endswith(f"{S.END}\nafter\n<!-- include: table.md -->\n| a |\n|---|\n| 1 |\n<!-- end include -->\n")
+    assert S.stale_includes(readme) == []
+    (tmp_path / "table.md").write_text("| a |\n|---|\n| 2 |\n")
+    assert S.stale_includes(readme) == ["table.md"]
     assert "+5.0 points for the SLM mean" in S.readme_block(readme)
     assert (tmp_path / "s.md").read_text().startswith("# Host vs host + LaDa")
+    assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--readme", str(readme)]) == 0
+    assert "updated" in capsys.readouterr().out and S.stale_includes(readme) == []
     assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--readme", str(readme)]) == 0
     assert "already up to date" in capsys.readouterr().out
     readme.write_text("no markers\n")
@@ -129,3 +137,4 @@ def test_the_readme_block_is_what_results_hold():
     spec = "results/summary.toml"
     block, _ = S.render(S.load_spec(ROOT / spec), spec)
     assert S.readme_block(ROOT / "README.md") == block, "README out of date with results/: run `make summary`"
+    assert S.stale_includes(ROOT / "README.md") == [], "README out of date with results/: run `make summary`"

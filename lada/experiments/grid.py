@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import statistics
 import time
 import tomllib
@@ -186,10 +187,12 @@ class GridIncomplete(Exception):
 
 
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
-             overrides: list[str] | None = None, report_only: bool = False) -> dict[str, dict[int, list[dict]]]:
+             overrides: list[str] | None = None, report_only: bool = False,
+             tag: str = "") -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed.
     ``report_only``: run nothing; rebuild the table from finished runs, or raise
-    ``GridIncomplete`` naming every cell that has none (before writing anything)."""
+    ``GridIncomplete`` naming every cell that has none (before writing anything).
+    ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``)."""
     cells = []  # (method, seed, config as the runner will write it: the engine is part of it)
     for method in methods:
         for seed in seeds:
@@ -224,7 +227,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
     budget = " ".join([budget, *(n for n in host_notes.values() if n)])
-    write_report(results, out_dir, base, seeds, budget)
+    write_report(results, out_dir, base, seeds, budget, tag)
     return results
 
 
@@ -279,9 +282,9 @@ def host_budget_note(cfg: RunConfig) -> str:
 def _mean_std(xs: list[float]) -> str:
     if not xs:
         return "-"
-    m = statistics.fmean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
+    if len(xs) == 1:  # one seed: no spread to show
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def llm_domain_accuracy(row: dict) -> float | None:
@@ -320,8 +323,16 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
             "filter_seconds_per_round": filt, "lada_kb_per_round": lada_kb}
 
 
+def report_paths(out_dir: Path, tag: str = "") -> tuple[Path, Path, Path]:
+    """(table, summary, plot) of a grid report: ``results.md``, ``summary.json``,
+    ``accuracy.png``, or with a tag ``results-<tag>.md`` ... so several reports (a
+    subset of seeds or methods) live side by side in one grid folder."""
+    suffix = f"-{tag}" if tag else ""
+    return out_dir / f"results{suffix}.md", out_dir / f"summary{suffix}.json", out_dir / f"accuracy{suffix}.png"
+
+
 def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base: Path, seeds: list[int],
-                 budget: str = "") -> Path:
+                 budget: str = "", tag: str = "") -> Path:
     parts = sorted({p for rs in results.values() for rows in rs.values() for p in (r["participant"] for r in rows)
                     if p != "llm"})
     header = ["method", *(f"{p}" for p in parts), "SLM mean", "LLM", "LLM client domains", "host MB/round",
@@ -343,10 +354,10 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             f"{statistics.fmean(s['mb_per_round']):.2f}" if s["mb_per_round"] else "-",
             f"{statistics.fmean(s['lada_kb_per_round']):.1f}" if s["lada_kb_per_round"] else "-",
             f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] else "-", f_share]) + " |")
-    table = out_dir / "results.md"
+    table, summary_path, plot = report_paths(out_dir, tag)
     table.write_text("\n".join(lines) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    plot_grid(results, out_dir / "accuracy.png")
+    summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+    plot_grid(results, plot)
     return table
 
 
@@ -391,17 +402,20 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str],
-              report_only: bool = False) -> int:
+              report_only: bool = False, tag: str = "") -> int:
     try:
         names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
         raise SystemExit(f"lada grid: {e}") from None
     t0 = time.perf_counter()
     try:
-        run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only)
+        if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+            raise ConfigError(f"--tag: letters, digits, '.', '_' and '-' only (it names files), got {tag!r}")
+        run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag)
     except GridIncomplete as e:
         raise SystemExit(f"lada grid --report-only: {e}. Run the grid without --report-only to complete them "
                          "(the engine is part of a run's config: give the one the runs were made with).") from None
-    print(Path(out, "results.md").read_text())
-    print(f"grid finished in {time.perf_counter() - t0:.0f}s; table {out}/results.md, plot {out}/accuracy.png")
+    table, _, plot = report_paths(Path(out), tag)
+    print(table.read_text())
+    print(f"grid finished in {time.perf_counter() - t0:.0f}s; table {table}, plot {plot}")
     return 0

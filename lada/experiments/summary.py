@@ -8,8 +8,10 @@ A TOML spec lists the grids (one ``[[grid]]`` table each: ``scenario``, ``task``
 reads the finished runs (``<dir>/<method>/seed<N>/metrics.jsonl`` with a DONE marker),
 so the table can be rebuilt at any time, also while grids are still running: a row uses
 the seeds where both of its methods finished and says how many of the spec's seeds that
-is. ``--readme`` writes the headline table into a marked block of the README, so what
-the README shows is what ``results/`` holds (a test checks the two agree).
+is. ``--readme`` writes the headline table into a marked block of the README, and
+refreshes every ``<!-- include: PATH -->`` ... ``<!-- end include -->`` block with the
+text of PATH (relative to the README; a grid's ``results*.md``), so what the README
+shows is what ``results/`` holds (a test checks both).
 
 The verdict is a paired t-test over seeds (each seed runs host and host + LaDa on the
 same data split and warm-ups): LaDa is "ahead" or "behind" when the mean paired
@@ -20,6 +22,7 @@ judged.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import tomllib
 from dataclasses import dataclass, field
@@ -264,13 +267,34 @@ def _block_span(readme: Path, text: str) -> tuple[int, int]:
 
 
 def update_readme(readme: Path, block: str, spec: str) -> bool:
-    """Replace the marked block of ``readme``; True if its text changed."""
+    """Replace the marked block of ``readme`` and refresh its include blocks; True if
+    its text changed."""
     text = readme.read_text()
     i, j = _block_span(readme, text)
-    new = text[:i] + BEGIN.format(spec=spec) + "\n" + block + text[j:]
+    new = refresh_includes(readme, text[:i] + BEGIN.format(spec=spec) + "\n" + block + text[j:])
     if new != text:
         readme.write_text(new)
     return new != text
+
+
+INCLUDE = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+
+
+def refresh_includes(readme: Path, text: str) -> str:
+    """``text`` with every include block holding the current text of its file."""
+    def body(m: re.Match) -> str:
+        path = readme.parent / m["path"]
+        if not path.is_file():
+            raise ConfigError(f"{readme}: include block names {m['path']}, which does not exist")
+        return m[1] + path.read_text() + m[4]
+    return INCLUDE.sub(body, text)
+
+
+def stale_includes(readme: Path) -> list[str]:
+    """The include blocks of ``readme`` whose text differs from their file's."""
+    text = readme.read_text()
+    return [m["path"] for m in INCLUDE.finditer(text)
+            if not (readme.parent / m["path"]).is_file() or (readme.parent / m["path"]).read_text() != m["body"]]
 
 
 def readme_block(readme: Path) -> str:
