@@ -194,3 +194,22 @@ def test_a_saved_state_of_another_call_is_not_resumed(tmp_path, monkeypatch, cap
     with caplog.at_level("WARNING", logger="lada.training"):
         stats = training.train_steps(lm2, pairs, 5, TRAIN, 0, resume_file=state, progress=False)  # 5 steps, not 3
     assert stats["steps"] == 5 and "holds the state of another training call" in caplog.text
+
+
+def test_warmup_cli_takes_the_run_seed_and_overrides(tmp_path, capsys):
+    """`lada warmup CONFIG --seed N` trains the warm-ups `lada run --seed N` looks up: with
+    [data] seed unset, N also draws the split (client k's model seed is data seed + 1 + k)."""
+    from pathlib import Path
+
+    from lada.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs/tiny-test.toml").read_text().replace("seed = 0  # pinned", "# unpinned", 1)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    assert main(["warmup", str(cfg), "--seed", "4", "--only", "client1", "--set", "clients.1.warmup_steps=3",
+                 "--set", f"cache_dir={str(tmp_path / 'cache')!r}"]) == 0
+    out = capsys.readouterr()
+    assert "client1" in out.out and "server" not in out.out.split("|---")[-1]
+    meta = read_meta(next((tmp_path / "cache" / "warmup").iterdir()))
+    assert meta["inputs"]["seed"] == 4 + 1 + 1 and meta["steps"] == 3

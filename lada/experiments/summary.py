@@ -149,7 +149,7 @@ def compare(entry: GridEntry, host: str) -> dict:
     return {"host": host, "seeds": seeds, "host_seeds": sorted(base.slm),
             "slm": (pick(base.slm), pick(lada.slm)), "llm": (pick(base.llm), pick(lada.llm)),
             "d_slm": d_slm, "d_llm": d_llm, "v_slm": judge(d_slm), "v_llm": judge(d_llm),
-            "mb": pick(base.mb), "lada_mb": pick(lada.mb), "lada_kb": pick(lada.lada_kb),
+            "mb": pick(base.mb), "lada_kb": pick(lada.lada_kb),
             "host_slm_all": [base.slm[s] for s in sorted(base.slm)]}
 
 

@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated participants, e.g. server,client0")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy columns")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the run seed (where [data] seed is unset, it also draws the data split these "
+                             "warm-ups train on: the warm-ups a `lada run --seed N` uses)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
 
     import torch
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else []))
     cache = Path(args.cache_dir or cfg.cache_dir or default_cache_dir())
     fed = build_federated_data(cfg.data, cfg.data.seed)  # the data owner's tool: every participant's view
     all_views = views(fed)
