@@ -113,13 +113,14 @@ def read_side(grid_dir: Path, method: str, seeds: list[int]) -> Side:
     return side
 
 
-def _ms(xs: list[float]) -> str:
-    """Percent, mean ± std over seeds (the value alone for one seed)."""
+def _ms(xs: list[float], sign: str = "") -> str:
+    """Percent (or points, with ``sign="+"``), mean ± std over seeds; the value alone for
+    one seed."""
     if not xs:
         return "-"
     if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+        return f"{100 * xs[0]:{sign}.1f}"
+    return f"{100 * statistics.fmean(xs):{sign}.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def paired(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> list[float]:
@@ -163,12 +164,7 @@ def best_host(entry: GridEntry, rows: list[dict]) -> dict | None:
 
 
 def _delta(d: list[float]) -> str:
-    """Percentage points, signed."""
-    if not d:
-        return "-"
-    if len(d) == 1:
-        return f"{100 * d[0]:+.1f}"
-    return f"{100 * statistics.fmean(d):+.1f} ± {100 * statistics.stdev(d):.1f}"
+    return _ms(d, "+")
 
 
 def _seeds_cell(row: dict, entry: GridEntry) -> str:
