@@ -22,11 +22,13 @@ SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
                  (("name", '"tiny-qwen2"'), ("vocab_size", "360")))
 HOSTS = {"cot": ('host.upward=true',), "fedmkt": ('host={name="fedmkt"}',),
          "fedcollm": ('host={name="fedcollm"}', *SAME_SLM)}
-# The second embedded task (multiple choice) through cot + LaDa. Its tiny models write no
+# The second embedded task (multiple choice) through every host + LaDa. Its tiny models write no
 # fully right chain, so paths are verified on the answer letter alone here (the choice
 # line checks are unit-tested), and the server warms up long enough to answer in format.
-CHOICE = ('data.task="choice"', "server.warmup_steps=250", "host.check_steps=false")
-RUNS = {**HOSTS, "cot-choice": (*HOSTS["cot"], *CHOICE)}
+# (FedMKT and FedCoLLM have no such option: LaDa's paths on them are checked in full.)
+CHOICE = ('data.task="choice"', "server.warmup_steps=250")
+RUNS = {**HOSTS, **{f"{h}-choice": (*HOSTS[h], *CHOICE, *(("host.check_steps=false",) if h == "cot" else ()))
+                    for h in HOSTS}}
 
 
 def tiny_run(run_dir: Path, engine: str, *overrides: str) -> list[dict]:
@@ -67,7 +69,7 @@ def test_lada_run_selects_and_moves_bytes_the_way_the_host_should(host, tmp_path
         assert sum(selected) > 0  # a filter kept something (seed 0 finds a few verified paths)
         # the LLM samples once (distill); what it solves upward comes from those paths
         assert len(sampled) == 1 + len(clients) and "up_llm_solved" in llm
-    elif host == "fedmkt":
+    elif host.startswith("fedmkt"):
         # LaDa's paths ride beside the logits both ways
         assert all(r["lada_bytes_up"] > 0 and r["lada_bytes_down"] > 0 for r in clients)
         assert all("lada_down_candidates" in r for r in clients) and "lada_up2_candidates" in llm
