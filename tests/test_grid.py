@@ -193,3 +193,33 @@ def test_report_only_runs_nothing_and_names_every_missing_cell(tmp_path, monkeyp
     grid.run_grid(base, ["cot"], [0], out, report_only=True, tag="seed0")
     assert (out / "results.md").read_text() == "kept\n" and "| cot |" in (out / "results-seed0.md").read_text()
     assert (out / "summary-seed0.json").is_file()
+
+
+def test_a_stopped_centralised_bound_goes_on_with_the_participants_it_has_not_trained(tmp_path, monkeypatch):
+    import lada.experiments.premises as pm
+    from lada.experiments import grid
+
+    calls = []
+
+    def fake_cell(ctx, who):
+        calls.append(who)
+        if who == "client1" and calls.count("client1") == 1:
+            raise KeyboardInterrupt  # the job is stopped while client 1 trains
+        return {"accuracy": 0.5, "n": 10, "train_steps": 3, "by_domain": {"general": {"accuracy": 0.4, "n": 5}}}
+
+    monkeypatch.setattr(pm, "cell_central", fake_cell)
+    cfg = method_config(ROOT / "configs/tiny-test.toml", "centralised", 0, tmp_path / "g", [])
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_centralised(cfg)
+    assert calls == ["server", "client0", "client1"]
+    cfg = method_config(ROOT / "configs/tiny-test.toml", "centralised", 0, tmp_path / "g", [])
+    run_dir = grid.run_centralised(cfg)
+    assert calls == ["server", "client0", "client1", "client1", "client2"]  # server and client 0 were kept
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["participant"] for r in rows] == ["llm", "client-0", "client-1", "client-2"]
+    assert all(r["accuracy"] == 0.5 and r["acc_general"] == 0.4 and r["seconds"] >= 0 for r in rows)
+    assert (run_dir / "DONE").exists()
+    # a finished bound run again (a --overwrite of the grid cell) starts over
+    cfg = method_config(ROOT / "configs/tiny-test.toml", "centralised", 0, tmp_path / "g", [])
+    grid.run_centralised(cfg)
+    assert calls[5:] == ["server", "client0", "client1", "client2"]

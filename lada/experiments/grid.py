@@ -235,24 +235,31 @@ def run_centralised(cfg: RunConfig) -> Path:
     """The upper-bound row of a grid: each participant's warm-up trained on the pooled
     data (``premises.cell_central``, ``train.transfer_epochs x rounds`` passes), written
     as a run directory (config.toml, metrics.jsonl with one final-round row per
-    participant, DONE) so the grid reads and reuses it like any run."""
-    from lada.experiments.premises import Context, cell_central
+    participant, DONE) so the grid reads and reuses it like any run. Each participant's
+    result is stored under ``cells/`` as it finishes, so a stopped bound goes on with the
+    participants it has not trained yet."""
+    from lada.experiments.premises import Context, cell_central, run_cell
     from lada.data import build_federated_data
     from lada.data.split import views
 
     from lada.experiments.runner import prepare_run_dir
 
-    run_dir = prepare_run_dir(cfg, overwrite=True)
-    ctx = Context(cfg=cfg, seed=cfg.seed, epochs=cfg.train.transfer_epochs * cfg.rounds, out=run_dir,
+    run_dir = Path(cfg.run_dir).absolute()
+    if (run_dir / "cells").is_dir() and not (run_dir / "DONE").exists() and _same_config(run_dir / "config.toml", cfg):
+        cfg.run_dir = str(run_dir)
+        log.info("centralised: going on with the participants %s has not finished", run_dir)
+    else:
+        run_dir = prepare_run_dir(cfg, overwrite=True)
+    ctx = Context(cfg=cfg, seed=cfg.seed, epochs=cfg.train.transfer_epochs * cfg.rounds, out=run_dir / "cells",
                   views=views(build_federated_data(cfg.data, cfg.data.seed)))
     rows = []
     for who in ["server", *(f"client{k}" for k in ctx.clients)]:
-        t0 = time.perf_counter()
-        r = cell_central(ctx, who)
+        r = run_cell(ctx, f"central-{who}", lambda who=who: cell_central(ctx, who))
+        seconds = json.loads((ctx.out / f"seed{ctx.seed}" / f"central-{who}.json").read_text())["seconds"]
         rows.append({"round": cfg.rounds, "participant": "llm" if who == "server" else f"client-{who[6:]}",
                      "accuracy": r["accuracy"], "n_test": r["n"], "train_steps": r["train_steps"],
                      "bytes_up": 0, "bytes_down": 0, "lada_bytes_up": 0, "lada_bytes_down": 0,
-                     "seconds": time.perf_counter() - t0,
+                     "seconds": seconds,
                      **{f"acc_{d}": v["accuracy"] for d, v in r.get("by_domain", {}).items()}})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "DONE").write_text("centralised upper bound\n")
