@@ -179,6 +179,8 @@ def test_a_stopped_warmup_goes_on_from_its_saved_state_and_ends_as_an_unbroken_o
     meta_a, meta_b = read_meta(unbroken), read_meta(resumed)
     assert [s["steps"] for s in meta_b["stages"]] == [4, 6]
     assert meta_b["final_loss"] == meta_a["final_loss"]
+    # the seconds count the stopped attempt's training too
+    assert meta_b["seconds"] >= sum(s["seconds"] for s in meta_b["stages"]) - 0.2
 
 
 def test_a_saved_state_of_another_call_is_not_resumed(tmp_path, monkeypatch, caplog):

@@ -156,6 +156,7 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
     start = time.perf_counter()
     lm = build_model(cfg, corpus, seed, cache_dir)
     stage_meta = []
+    earlier = 0.0
     for i, (examples, steps) in enumerate(plan):
         if steps <= 0:
             continue
@@ -166,9 +167,12 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
                             progress=None if progress else False,
                             resume_file=partial / f"stage{i}.pt" if partial else None,
                             save_final=i < len(plan) - 1)  # a stage that is not the last one
-        stage_meta.append({"steps": steps, "examples": len(examples), "seconds": round(time.perf_counter() - t0, 1),
-                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}})
-    seconds = time.perf_counter() - start
+        here = time.perf_counter() - t0
+        earlier += max(0.0, stats["seconds"] - here)  # training time of a stopped attempt this one went on from
+        stage_meta.append({"steps": steps, "examples": len(examples),
+                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
+                           "seconds": round(stats["seconds"], 1)})
+    seconds = time.perf_counter() - start + earlier
     save_model(lm, out)
     last = stage_meta[-1] if stage_meta else {}
     return {"steps": sum(s for _, s in plan), "seconds": round(seconds, 1),
