@@ -226,7 +226,8 @@ def render(entries: list[GridEntry], spec: str) -> tuple[str, str]:
     headline, full = build(entries)
     intro = ("Final-round test accuracy (%), mean ± std over the seeds where both methods finished; Δ is "
              "host + LaDa minus host, paired by seed, with a paired t-test verdict (95%). The host is each "
-             "grid's best host alone by SLM mean.")
+             "grid's best host alone by SLM mean. LaDa KB/round is what the plug-in sends beside the host's "
+             "messages (0 on CoT: there it filters the paths the host sends anyway, where they arrive).")
     head_lines = [intro, "",
                   markdown_table(HEADER, [_cells(e, r) for e, r in headline])]
     head_lines += [f"- **{e.scenario}, {e.task}.** {sentence(r, e)}" for e, r in headline]
