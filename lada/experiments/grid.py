@@ -360,7 +360,9 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             _mean_std(s["finals"].get("llm", [])), _mean_std(s["finals"].get("llm-domains", [])),
             f"{statistics.fmean(s['mb_per_round']):.2f}" if s["mb_per_round"] else "-",
             f"{statistics.fmean(s['lada_kb_per_round']):.1f}" if s["lada_kb_per_round"] else "-",
-            f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] else "-", f_share]) + " |")
+            # the bound has no rounds: its rows' seconds are whole trainings, not a round's
+            f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] and method != CENTRALISED
+            else "-", f_share]) + " |")
     table, summary_path, plot = report_paths(out_dir, tag)
     table.write_text("\n".join(lines) + "\n")
     summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
