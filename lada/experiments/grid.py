@@ -286,12 +286,14 @@ def host_budget_note(cfg: RunConfig) -> str:
             f"passes{' and ' + ', '.join(lora) if lora else ''} (0 = full fine-tuning).")
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], sign: str = "") -> str:
+    """Percent (or signed points, with ``sign="+"``), mean ± std over seeds; the value
+    alone for one seed (no spread to show)."""
     if not xs:
         return "-"
-    if len(xs) == 1:  # one seed: no spread to show
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:{sign}.1f}"
+    return f"{100 * statistics.fmean(xs):{sign}.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def llm_domain_accuracy(row: dict) -> float | None:
@@ -356,8 +358,8 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             fs, rs = statistics.fmean(s["filter_seconds_per_round"]), statistics.fmean(s["seconds_per_round"])
             f_share = f"{fs:.1f} ({100 * fs / rs:.0f}%)"
         lines.append("| " + " | ".join([
-            method, *(_mean_std(s["finals"].get(p, [])) for p in parts), _mean_std(s["slm_mean"]),
-            _mean_std(s["finals"].get("llm", [])), _mean_std(s["finals"].get("llm-domains", [])),
+            method, *(mean_std(s["finals"].get(p, [])) for p in parts), mean_std(s["slm_mean"]),
+            mean_std(s["finals"].get("llm", [])), mean_std(s["finals"].get("llm-domains", [])),
             f"{statistics.fmean(s['mb_per_round']):.2f}" if s["mb_per_round"] else "-",
             f"{statistics.fmean(s['lada_kb_per_round']):.1f}" if s["lada_kb_per_round"] else "-",
             # the bound has no rounds: its rows' seconds are whole trainings, not a round's
