@@ -223,3 +223,13 @@ def test_a_stopped_centralised_bound_goes_on_with_the_participants_it_has_not_tr
     cfg = method_config(ROOT / "configs/tiny-test.toml", "centralised", 0, tmp_path / "g", [])
     grid.run_centralised(cfg)
     assert calls[5:] == ["server", "client0", "client1", "client2"]
+
+
+def test_a_tag_that_cannot_name_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from lada.cli import main
+
+    assert main(["grid", str(ROOT / "configs/tiny-test.toml"), "--methods", "cot", "--seeds", "0",
+                 "--out", str(tmp_path), "--report-only", "--tag", "a/b"]) == 2
+    err = capsys.readouterr().err
+    assert err == "config error: --tag: letters, digits, '.', '_' and '-' only (it names files), got 'a/b'\n"
+    assert not any(tmp_path.iterdir())  # refused before anything ran or was written
