@@ -159,7 +159,7 @@ def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
     return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []),
-                     args.report_only, args.tag)
+                     args.report_only, args.tag, args.premises)
 
 
 def cmd_premises(args) -> int:
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: rebuild the table and plot from finished runs, or fail naming the missing ones")
     g.add_argument("--tag", default="", help="write results-TAG.md, summary-TAG.json, accuracy-TAG.png instead of "
                    "results.md, ... (reports of other seed or method subsets in the same --out)")
+    g.add_argument("--premises", default=None, metavar="DIR",
+                   help="a `lada premises --out` folder of the same config: the centralised bound takes its "
+                        "central-* cells where they match instead of training them again")
     g.set_defaults(func=cmd_grid)
 
     pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "

@@ -225,6 +225,49 @@ def test_a_stopped_centralised_bound_goes_on_with_the_participants_it_has_not_tr
     assert calls[5:] == ["server", "client0", "client1", "client2"]
 
 
+def test_the_centralised_bound_takes_matching_cells_from_a_premises_folder(tmp_path, monkeypatch, caplog):
+    import lada.experiments.premises as pm
+    from lada.experiments import grid
+
+    calls = []
+
+    def fake_cell(ctx, who):
+        calls.append(who)
+        return {"accuracy": 0.25 if who == "client1" else 0.5, "n": 10, "train_steps": 3, "by_domain": {}}
+
+    monkeypatch.setattr(pm, "cell_central", fake_cell)
+    base = ROOT / "configs/tiny-test.toml"
+    pm.measure(base, tmp_path / "prem", [0], parts=("central",), log=lambda m: None)
+    assert calls == ["server", "client0", "client1", "client2"]
+    # one stored cell was measured under another training budget: that one is trained again
+    stored = tmp_path / "prem" / "seed0" / "central-client2.json"
+    record = json.loads(stored.read_text())
+    record["config"]["train"]["lr"] *= 2
+    stored.write_text(json.dumps(record))
+
+    cfg = method_config(base, "centralised", 0, tmp_path / "g", [])  # host, plug-in and engine differ: no matter
+    assert cfg.plugin_name == "none"
+    with caplog.at_level("INFO", logger=grid.log.name):
+        run_dir = grid.run_centralised(cfg, premises=tmp_path / "prem")
+    assert calls[4:] == ["client2"]
+    assert "central-client2.json was measured under another config" in caplog.text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accuracy"] for r in rows] == [0.5, 0.5, 0.25, 0.5]
+    adopted = json.loads((run_dir / "cells" / "seed0" / "central-client1.json").read_text())
+    assert adopted["reused_from"].endswith("central-client1.json")
+    # another seed has no premises cells: all of it is trained
+    cfg = method_config(base, "centralised", 1, tmp_path / "g", [])
+    grid.run_centralised(cfg, premises=tmp_path / "prem")
+    assert calls[5:] == ["server", "client0", "client1", "client2"]
+
+
+def test_grid_premises_must_be_a_folder(tmp_path):
+    from lada.cli import main
+
+    assert main(["grid", str(ROOT / "configs/tiny-test.toml"), "--methods", "centralised", "--seeds", "0",
+                 "--out", str(tmp_path / "g"), "--premises", str(tmp_path / "missing")]) == 2
+
+
 def test_a_tag_that_cannot_name_a_file_is_refused_in_one_line(tmp_path, capsys):
     from lada.cli import main
 

@@ -188,11 +188,13 @@ class GridIncomplete(Exception):
 
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
              overrides: list[str] | None = None, report_only: bool = False,
-             tag: str = "") -> dict[str, dict[int, list[dict]]]:
+             tag: str = "", premises: Path | None = None) -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed.
     ``report_only``: run nothing; rebuild the table from finished runs, or raise
     ``GridIncomplete`` naming every cell that has none (before writing anything).
-    ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``)."""
+    ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``).
+    ``premises``: take the centralised bound's cells from this premises folder where they
+    match (``run_centralised``)."""
     cells = []  # (method, seed, config as the runner will write it: the engine is part of it)
     for method in methods:
         for seed in seeds:
@@ -217,7 +219,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d: reusing %s", i, total, method, seed, run_dir)
         elif method == CENTRALISED:
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
-            run_centralised(cfg)
+            run_centralised(cfg, premises)
         elif _resumable(run_dir, cfg):
             log.info("[%d/%d] %s seed %d: resuming %s after round %d", i, total, method, seed, run_dir,
                      read_commit(run_dir)["round"])
@@ -231,14 +233,16 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     return results
 
 
-def run_centralised(cfg: RunConfig) -> Path:
+def run_centralised(cfg: RunConfig, premises: Path | None = None) -> Path:
     """The upper-bound row of a grid: each participant's warm-up trained on the pooled
     data (``premises.cell_central``, ``train.transfer_epochs x rounds`` passes), written
     as a run directory (config.toml, metrics.jsonl with one final-round row per
     participant, DONE) so the grid reads and reuses it like any run. Each participant's
     result is stored under ``cells/`` as it finishes, so a stopped bound goes on with the
-    participants it has not trained yet."""
-    from lada.experiments.premises import Context, cell_central, run_cell
+    participants it has not trained yet. ``premises``: a ``lada premises --out`` folder of
+    the same base config whose ``central-*`` cells are taken instead of training again
+    (``premises.adopt_cell``); a cell that does not match is trained, with the reason logged."""
+    from lada.experiments.premises import Context, adopt_cell, cell_central, run_cell
     from lada.data import build_federated_data
     from lada.data.split import views
 
@@ -254,7 +258,14 @@ def run_centralised(cfg: RunConfig) -> Path:
                   views=views(build_federated_data(cfg.data, cfg.data.seed)))
     rows = []
     for who in ["server", *(f"client{k}" for k in ctx.clients)]:
-        r = run_cell(ctx, f"central-{who}", lambda who=who: cell_central(ctx, who))
+        name = f"central-{who}"
+        if premises is not None and not (ctx.out / f"seed{ctx.seed}" / f"{name}.json").is_file():
+            why = adopt_cell(ctx, name, premises)
+            if why:
+                log.warning("centralised: training %s here: not taken from --premises: %s", who, why)
+            else:
+                log.info("centralised: %s taken from %s", who, premises)
+        r = run_cell(ctx, name, lambda who=who: cell_central(ctx, who))
         seconds = json.loads((ctx.out / f"seed{ctx.seed}" / f"central-{who}.json").read_text())["seconds"]
         rows.append({"round": cfg.rounds, "participant": "llm" if who == "server" else f"client-{who[6:]}",
                      "accuracy": r["accuracy"], "n_test": r["n"], "train_steps": r["train_steps"],
@@ -413,7 +424,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str],
-              report_only: bool = False, tag: str = "") -> int:
+              report_only: bool = False, tag: str = "", premises: str | None = None) -> int:
     try:
         names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
@@ -422,7 +433,10 @@ def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str |
     try:
         if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
             raise ConfigError(f"--tag: letters, digits, '.', '_' and '-' only (it names files), got {tag!r}")
-        run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag)
+        if premises and not Path(premises).is_dir():
+            raise ConfigError(f"--premises: {premises} is not a folder (give a `lada premises --out` folder)")
+        run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag,
+                 Path(premises) if premises else None)
     except GridIncomplete as e:
         raise SystemExit(f"lada grid --report-only: {e}. Run the grid without --report-only to complete them "
                          "(the engine is part of a run's config: give the one the runs were made with).") from None

@@ -316,6 +316,44 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
     return result
 
 
+# What a centralised cell does not depend on: no host, plug-in or engine takes part in it.
+_NOT_IN_CENTRAL = ("host", "plugin", "engine")
+
+
+def adopt_cell(ctx: Context, name: str, source: Path) -> str:
+    """Take cell ``name`` of this seed from another measurement folder ``source`` (a
+    premises ``--out``) when it measured the same thing, so that it is not trained twice;
+    returns "" when adopted, else why not. Only ``central-*`` cells qualify: they depend on
+    the data, models and training budget, not on the host, plug-in or engine, so a grid's
+    centralised bound and the premises' bound of the same base config are one measurement.
+    The adopted record keeps its seconds and names its source (``reused_from``)."""
+    if not name.startswith("central-"):
+        return f"{name} is not a centralised cell"
+    path = Path(source) / f"seed{ctx.seed}" / f"{name}.json"
+    if not path.is_file():
+        return f"{path} does not exist"
+    try:
+        stored = json.loads(path.read_text())
+        meta = (stored["cell"], stored["seed"], stored["epochs"], stored["format"])
+        result = stored["result"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path} is not a readable cell ({e})"
+    if meta != (name, ctx.seed, ctx.epochs, FORMAT):
+        return f"{path} measured cell/seed/epochs/format {meta}, this one needs {(name, ctx.seed, ctx.epochs, FORMAT)}"
+    current = _cell_config(ctx.cfg)
+    config = {**stored.get("config", {}), **{k: current[k] for k in _NOT_IN_CENTRAL}}
+    if not config_matches(config, ctx.cfg):
+        return f"{path} was measured under another config (data, models or training differ)"
+    record = {**stored, "key": _cell_key(ctx, name), "config": current, "reused_from": str(path.absolute()),
+              "result": result}
+    dest = ctx.out / f"seed{ctx.seed}" / f"{name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(dest)
+    return ""
+
+
 def _brief(result: dict) -> str:
     if "accuracy" in result:
         extra = f", domain {100 * result['domain_accuracy']:.1f}%" if "domain_accuracy" in result else ""
