@@ -117,11 +117,9 @@ def _participant_of(ckpt: Path) -> str:
 
 
 def cmd_warmup(args) -> int:
-    from lada.models.warmup import main as warmup_main
+    from lada.models.warmup import run
 
-    return warmup_main([args.config] + (["--ship"] if args.ship else []) + (["--only", args.only] if args.only else [])
-                       + (["--seed", str(args.seed)] if args.seed is not None else [])
-                       + [f"--set={kv}" for kv in args.set or []])
+    return run(args, args.parser)
 
 
 def cmd_federation(args) -> int:
@@ -227,13 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
     e.set_defaults(func=cmd_eval)
 
-    w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies")
-    w.add_argument("config")
-    w.add_argument("--ship", action="store_true", help="also copy the checkpoints into the repo's checkpoints/ folder")
-    w.add_argument("--only", default="", help="comma-separated participants, e.g. server,client0")
-    w.add_argument("--seed", type=int, default=None, help="the run seed whose warm-ups to train (see lada run --seed)")
-    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    w.set_defaults(func=cmd_warmup)
+    from lada.models.warmup import add_arguments as add_warmup_arguments
+
+    w = add_warmup_arguments(sub.add_parser(
+        "warmup", help="warm up every participant of a config (cached) and print their accuracies"))
+    w.set_defaults(func=cmd_warmup, parser=w)
 
     f = sub.add_parser("federation", help="bring a local SuperLink + SuperNodes up or down")
     f.add_argument("action", choices=["up", "down"])

@@ -309,10 +309,8 @@ def ship_checkpoint(model_cfg: ModelConfig, path: Path, root: Path | None = None
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lada.models.warmup",
-        description="Warm up every participant of a config (cached), evaluate them and print the table.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The warm-up's options, shared by ``lada warmup`` and ``python -m lada.models.warmup``."""
     parser.add_argument("config", help="run config TOML")
     parser.add_argument("--cache-dir", default="", help="warm-up cache (default: the config's cache_dir, "
                         "else LADA_CACHE or ~/.cache/lada)")
@@ -325,8 +323,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the run seed (where [data] seed is unset, it also draws the data split these "
                              "warm-ups train on: the warm-ups a `lada run --seed N` uses)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m lada.models.warmup",
+        description="Warm up every participant of a config (cached), evaluate them and print the table."))
+    return run(parser.parse_args(argv), parser)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Warm up (or reuse) the chosen participants, evaluate them, print the table."""
     import torch
 
     from lada.config import load_config
