@@ -157,7 +157,7 @@ def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
     return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []),
-                     args.report_only, args.tag, args.premises)
+                     args.report_only, args.tag, args.premises, args.status)
 
 
 def cmd_premises(args) -> int:
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: rebuild the table and plot from finished runs, or fail naming the missing ones")
     g.add_argument("--tag", default="", help="write results-TAG.md, summary-TAG.json, accuracy-TAG.png instead of "
                    "results.md, ... (reports of other seed or method subsets in the same --out)")
+    g.add_argument("--status", action="store_true",
+                   help="run nothing: print where every method x seed stands (done, round k/N, not started)")
     g.add_argument("--premises", default=None, metavar="DIR",
                    help="a `lada premises --out` folder of the same config: the centralised bound takes its "
                         "central-* cells where they match instead of training them again")

@@ -261,6 +261,34 @@ def test_the_centralised_bound_takes_matching_cells_from_a_premises_folder(tmp_p
     assert calls[5:] == ["server", "client0", "client1", "client2"]
 
 
+def test_grid_status_says_where_every_cell_stands_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    from lada.cli import main
+    from lada.experiments import grid
+    from lada.experiments.runner import prepare_run_dir
+    from lada.protocol.commit import write_commit
+
+    monkeypatch.setattr(grid, "run", lambda *a, **k: pytest.fail("--status ran a method"))
+    base, out = ROOT / "configs/tiny-test.toml", tmp_path / "g"
+    done = prepare_run_dir(method_config(base, "cot", 0, out, []))
+    (done / "DONE").write_text("")
+    write_commit(prepare_run_dir(method_config(base, "cot", 1, out, [])), {"run_id": "x", "round": 1, "clients": {}})
+    other = method_config(base, "cot+lada", 0, out, [])
+    other.rounds += 1  # a run of another config sits where this cell goes
+    prepare_run_dir(other)
+    bound = prepare_run_dir(method_config(base, "centralised", 1, out, []))
+    (bound / "cells" / "seed1").mkdir(parents=True)
+    (bound / "cells" / "seed1" / "central-server.json").write_text("{}")
+
+    assert main(["grid", str(base), "--methods", "centralised,cot,cot+lada", "--seeds", "0", "1",
+                 "--out", str(out), "--status"]) == 0
+    table = capsys.readouterr().out
+    rounds = method_config(base, "cot", 0, out, []).rounds
+    assert "| centralised | - | 1/4 participants |" in table
+    assert f"| cot | done | round 1/{rounds} |" in table
+    assert "| cot+lada | other config | - |" in table
+    assert "1 of 6 cell(s) done" in table
+
+
 def test_grid_premises_must_be_a_folder(tmp_path):
     from lada.cli import main
 

@@ -182,6 +182,34 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
         and _same_config(run_dir / "config.toml", cfg)
 
 
+def cell_state(method: str, cfg: RunConfig) -> str:
+    """Where one method x seed cell stands, for ``lada grid --status``: ``done``, how far
+    a stopped or running run got (it resumes from there), ``-`` (not started), or
+    ``other config`` (a run of another config is in the way: the grid will redo it)."""
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        return "-"
+    if not _same_config(run_dir / "config.toml", cfg):
+        return "other config"
+    if (run_dir / "DONE").exists():
+        return "done"
+    if method == CENTRALISED:
+        n = len(list((run_dir / "cells").glob("seed*/central-*.json")))
+        return f"{n}/{len(cfg.clients) + 1} participants"
+    commit = read_commit(run_dir)
+    return f"round {commit['round']}/{cfg.rounds}" if commit else f"round 0/{cfg.rounds}"
+
+
+def format_status(states: dict[str, dict[int, str]], seeds: list[int]) -> str:
+    """A method x seed table of ``cell_state``s and a count of the finished cells."""
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    lines += [f"| {m} | " + " | ".join(row[s] for s in seeds) + " |" for m, row in states.items()]
+    done = sum(v == "done" for row in states.values() for v in row.values())
+    total = sum(len(row) for row in states.values())
+    return "\n".join(lines) + f"\n\n{done} of {total} cell(s) done\n"
+
+
 class GridIncomplete(Exception):
     """``report_only`` found method x seed cells without a finished run of their config."""
 
@@ -424,7 +452,7 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str],
-              report_only: bool = False, tag: str = "", premises: str | None = None) -> int:
+              report_only: bool = False, tag: str = "", premises: str | None = None, status: bool = False) -> int:
     try:
         names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
@@ -435,6 +463,15 @@ def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str |
             raise ConfigError(f"--tag: letters, digits, '.', '_' and '-' only (it names files), got {tag!r}")
         if premises and not Path(premises).is_dir():
             raise ConfigError(f"--premises: {premises} is not a folder (give a `lada premises --out` folder)")
+        if status:
+            states: dict[str, dict[int, str]] = {}
+            for method in names:
+                for seed in seeds:
+                    cfg = method_config(Path(base), method, seed, Path(out), overrides)
+                    cfg.engine.kind = engine or cfg.engine.kind
+                    states.setdefault(method, {})[seed] = cell_state(method, cfg)
+            print(format_status(states, seeds), end="")
+            return 0
         run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag,
                  Path(premises) if premises else None)
     except GridIncomplete as e:
