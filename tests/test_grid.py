@@ -89,7 +89,8 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     budget = budget_note(method_config(ROOT / "configs/default.toml", "cot", 0, Path("out"), []))
     table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1], budget).read_text()
     assert "`train.transfer_epochs = 2` passes" in table.splitlines()[1]
-    lines = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| cot")}
+    main_table = table.split("Paired differences")[0]
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in main_table.splitlines() if ln.startswith("| cot")}
     # final round: client-0 0.7 and 0.8 -> 75.0 +- 7.1; SLM mean (0.6, 0.7) -> 65.0 +- 7.1; LaDa bytes 0.3 KB
     # LLM client domains: mean of acc_shop and acc_farm (general left out) -> 7.5 and 17.5
     assert "| 75.0 ± 7.1 | 55.0 ± 7.1 | 65.0 ± 7.1 | 25.0 ± 7.1 | 12.5 ± 7.1 | 3.00 | 0.3 | 10 | - |" in lines["cot"]
@@ -97,6 +98,24 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cot"]["slm_mean"] == pytest.approx([0.6, 0.7])
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_report_pairs_each_plugin_row_with_its_host_and_each_ablation_with_the_full_plugin(tmp_path):
+    from lada.experiments.grid import comparisons
+
+    assert comparisons(["centralised", "standalone", "cot", "cot+lada", "cot+lada-no-filter", "fedmkt+lada"]) == [
+        ("cot+lada", "cot"), ("cot+lada-no-filter", "cot+lada"), ("cot+lada-no-filter", "cot")]
+    assert comparisons(["cot", "fedmkt"]) == []
+    # SLM means by seed: cot 0.6 / 0.7 / 0.8; cot+lada 0.55 / 0.62 / 0.76 -> -5, -8, -4 points
+    results = {"cot": {s: rows(0.1 * s) for s in range(3)},
+               "cot+lada": {0: rows(-0.05), 1: rows(0.02), 2: rows(0.16)},
+               "cot+lada-no-filter": {1: rows(0.1)}}
+    table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1, 2]).read_text()
+    paired = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln
+              for ln in table.split("Paired differences")[1].splitlines() if ln.startswith("| cot")}
+    assert "| 3 | -5.7 ± 2.1 (behind) | -5.7 ± 2.1 (behind) |" in paired[("cot+lada", "cot")]
+    assert "| 1 | +8.0 | +8.0 |" in paired[("cot+lada-no-filter", "cot+lada")]  # one seed: not judged
+    assert "| 1 | +0.0 | +0.0 |" in paired[("cot+lada-no-filter", "cot")]
 
 
 def test_plugin_settings_reach_every_method_with_a_plugin_and_win_over_ablations():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import statistics
 import time
@@ -335,6 +336,27 @@ def mean_std(xs: list[float], sign: str = "") -> str:
     return f"{100 * statistics.fmean(xs):{sign}.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (the row's seeds minus one).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> list[float]:
+    """b - a per seed, on the seeds both have."""
+    return [b[s] - a[s] for s in seeds if s in a and s in b]
+
+
+def judge(diffs: list[float]) -> str:
+    """ahead / behind / within noise by a paired t-test over seeds; one seed: not judged."""
+    n = len(diffs)
+    if n < 2:
+        return "one seed, not judged" if n == 1 else "no finished seed"
+    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(n)
+    t = T975.get(n - 1, 1.96 if n > 30 else 2.2)
+    if se == 0.0:
+        return "ahead" if mean > 0 else "behind" if mean < 0 else "within noise"
+    return "ahead" if mean > t * se else "behind" if mean < -t * se else "within noise"
+
+
 def llm_domain_accuracy(row: dict) -> float | None:
     """The LLM's accuracy on its client-domain test questions (the mean over domains of
     ``acc_<domain>``; the synthetic test set holds equal shares), or None when its test set
@@ -371,6 +393,52 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
             "filter_seconds_per_round": filt, "lada_kb_per_round": lada_kb}
 
 
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """(method, reference) pairs of a grid's paired differences: a host with a plug-in
+    against the host alone; an ablation against the full plug-in on that host and against
+    the host alone (each where the grid has it)."""
+    out = []
+    for m in methods:
+        host, plus, rest = m.partition("+")
+        if not plus:
+            continue
+        full = f"{host}+{rest.split('-', 1)[0]}"
+        out += [(m, ref) for ref in dict.fromkeys([full, host]) if ref != m and ref in methods]
+    return out
+
+
+def _per_seed(by_seed: dict[int, list[dict]]) -> tuple[dict[int, float], dict[int, float]]:
+    """Final-round SLM mean and LLM accuracy of one method, by seed."""
+    slm, llm = {}, {}
+    for seed, rows in by_seed.items():
+        s = summarise({seed: rows})
+        slm[seed] = s["slm_mean"][0]
+        if s["finals"].get("llm"):
+            llm[seed] = s["finals"]["llm"][0]
+    return slm, llm
+
+
+def paired_table(results: dict[str, dict[int, list[dict]]], seeds: list[int]) -> list[str]:
+    """Lines of the grid report's paired differences (``comparisons``), or none."""
+    pairs = comparisons(list(results))
+    if not pairs:
+        return []
+    per = {m: _per_seed(results[m]) for m in {x for p in pairs for x in p}}
+
+    def cell(d: list[float]) -> str:
+        return "-" if not d else mean_std(d, "+") + (f" ({judge(d)})" if len(d) > 1 else "")
+
+    lines = ["", "Paired differences (points): the method minus the reference on each seed both finished "
+             "(same data split and warm-ups), mean ± std over those seeds, with a paired t-test verdict "
+             "(95%; one seed is not judged).", "",
+             "| method | minus | seeds | Δ SLM mean | Δ LLM |", "|---|---|---|---|---|"]
+    for m, ref in pairs:
+        d_slm = paired(per[ref][0], per[m][0], seeds)
+        d_llm = paired(per[ref][1], per[m][1], seeds)
+        lines.append(f"| {m} | {ref} | {len(d_slm)} | {cell(d_slm)} | {cell(d_llm)} |")
+    return lines
+
+
 def report_paths(out_dir: Path, tag: str = "") -> tuple[Path, Path, Path]:
     """(table, summary, plot) of a grid report: ``results.md``, ``summary.json``,
     ``accuracy.png``, or with a tag ``results-<tag>.md`` ... so several reports (a
@@ -404,6 +472,7 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             # the bound has no rounds: its rows' seconds are whole trainings, not a round's
             f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] and method != CENTRALISED
             else "-", f_share]) + " |")
+    lines += paired_table(results, seeds)
     table, summary_path, plot = report_paths(out_dir, tag)
     table.write_text("\n".join(lines) + "\n")
     summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
