@@ -42,7 +42,7 @@ bench: $(STAMP)
 
 # The cross-scenario table (results/summary.md and the README's block) from finished runs.
 summary: $(STAMP)
-	$(BIN)/lada summary results/summary.toml --readme README.md
+	$(BIN)/lada summary results/summary.toml --readme README.md --include docs/experiments.md
 
 warmup: $(STAMP)
 	$(BIN)/lada warmup configs/default.toml --ship

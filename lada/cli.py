@@ -190,7 +190,7 @@ def cmd_report(args) -> int:
 def cmd_summary(args) -> int:
     from lada.experiments.summary import main_summary
 
-    return main_summary(args.spec, args.out, args.readme)
+    return main_summary(args.spec, args.out, args.readme, list(args.include or []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("spec", help="TOML with one [[grid]] table per grid, e.g. results/summary.toml")
     sm.add_argument("--out", default=None, help="the summary page (default: the spec's path with .md)")
     sm.add_argument("--readme", default=None, help="also rewrite this file's lada summary block")
+    sm.add_argument("--include", action="append", metavar="DOC",
+                    help="also refresh the <!-- include: PATH --> blocks of this page (repeatable)")
     sm.set_defaults(func=cmd_summary)
 
     rp = sub.add_parser("report", help="rewrite a run's table and plot from its metrics.jsonl")

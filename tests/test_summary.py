@@ -127,6 +127,12 @@ def test_cli_writes_the_page_and_the_readme_block(tmp_path, capsys):
     assert "updated" in capsys.readouterr().out and S.stale_includes(readme) == []
     assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--readme", str(readme)]) == 0
     assert "already up to date" in capsys.readouterr().out
+    doc = tmp_path / "docs" / "page.md"
+    doc.parent.mkdir()
+    doc.write_text(f"text\n<!-- include: ../table.md -->\nold\n<!-- end include -->\nmore\n")
+    assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--include", str(doc)]) == 0
+    assert "include blocks updated" in capsys.readouterr().out and S.stale_includes(doc) == []
+    assert main(["summary", str(spec), "--out", str(tmp_path / "s.md"), "--include", str(tmp_path / "none.md")]) == 2
     readme.write_text("no markers\n")
     assert main(["summary", str(spec), "--readme", str(readme)]) == 2
     assert "no summary block" in capsys.readouterr().err
@@ -138,3 +144,4 @@ def test_the_readme_block_is_what_results_hold():
     block, _ = S.render(S.load_spec(ROOT / spec), spec)
     assert S.readme_block(ROOT / "README.md") == block, "README out of date with results/: run `make summary`"
     assert S.stale_includes(ROOT / "README.md") == [], "README out of date with results/: run `make summary`"
+    assert S.stale_includes(ROOT / "docs/experiments.md") == [], "docs out of date with results/: run `make summary`"

@@ -11,7 +11,8 @@ the seeds where both of its methods finished and says how many of the spec's see
 is. ``--readme`` writes the headline table into a marked block of the README, and
 refreshes every ``<!-- include: PATH -->`` ... ``<!-- end include -->`` block with the
 text of PATH (relative to the README; a grid's ``results*.md``), so what the README
-shows is what ``results/`` holds (a test checks both).
+shows is what ``results/`` holds (a test checks both); ``--include DOC`` does the same
+for the include blocks of other pages (docs/).
 
 The verdict is a paired t-test over seeds (each seed runs host and host + LaDa on the
 same data split and warm-ups): LaDa is "ahead" or "behind" when the mean paired
@@ -271,7 +272,16 @@ def readme_block(readme: Path) -> str:
     return text[text.index("\n", i) + 1:j]
 
 
-def main_summary(spec: str, out: str | None, readme: str | None) -> int:
+def update_includes(doc: Path) -> bool:
+    """Refresh ``doc``'s include blocks in place; whether anything changed."""
+    text = doc.read_text()
+    new = refresh_includes(doc, text)
+    if new != text:
+        doc.write_text(new)
+    return new != text
+
+
+def main_summary(spec: str, out: str | None, readme: str | None, includes: list[str] | None = None) -> int:
     entries = load_spec(spec)
     block, page = render(entries, spec)
     out_path = Path(out) if out else Path(spec).with_suffix(".md")
@@ -281,4 +291,8 @@ def main_summary(spec: str, out: str | None, readme: str | None) -> int:
     if readme:
         changed = update_readme(Path(readme), block, spec)
         print(f"{readme}: block {'updated' if changed else 'already up to date'}")
+    for doc in includes or []:
+        if not Path(doc).is_file():
+            raise ConfigError(f"--include: {doc} does not exist")
+        print(f"{doc}: include blocks {'updated' if update_includes(Path(doc)) else 'already up to date'}")
     return 0
