@@ -215,3 +215,23 @@ def test_warmup_cli_takes_the_run_seed_and_overrides(tmp_path, capsys):
     assert "client1" in out.out and "server" not in out.out.split("|---")[-1]
     meta = read_meta(next((tmp_path / "cache" / "warmup").iterdir()))
     assert meta["inputs"]["seed"] == 4 + 1 + 1 and meta["steps"] == 3
+
+
+def test_a_training_without_a_bar_logs_its_progress_and_an_explicitly_silent_one_does_not(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from lada.models import training
+    from lada.models.loading import build_model
+
+    monkeypatch.setattr(training, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(training.sys.stderr, "isatty", lambda: False, raising=False)
+    pairs = [(f"Question: {i}+1?\nAnswer:\n", f"#### {i + 1}") for i in range(8)]
+    lm = build_model(_cfg(), CORPUS, 0, tmp_path)
+    with caplog.at_level("INFO", logger="lada.training"):
+        training.train_steps(lm, pairs, 3, TRAIN, 0, desc="warm-up x")  # progress=None: no terminal, so lines
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up x: step")]
+    assert [ln.split(",")[0] for ln in lines] == ["warm-up x: step 1/3", "warm-up x: step 2/3", "warm-up x: step 3/3"]
+    assert "s left" in lines[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lada.training"):
+        training.train_steps(lm, pairs, 3, TRAIN, 0, desc="warm-up x", progress=False)
+    assert not [r for r in caplog.records if "step" in r.getMessage()]

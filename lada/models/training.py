@@ -53,6 +53,9 @@ _NONFINITE_STEPS = 0
 MAX_SKIPPED_FRACTION = 0.5
 # How often a resumable call (``resume_file``) saves its state, in seconds of training.
 SAVE_EVERY_S = 120.0
+# Without a progress bar (stderr is not a terminal: a job writing to a log file) a
+# training logs one line this often, so a long warm-up or bound shows that it moves.
+LOG_EVERY_S = 120.0
 
 
 class NonFiniteError(FloatingPointError):
@@ -215,8 +218,9 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(start, steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True,
                initial=start, total=steps)
-    t0 = last_save = time.perf_counter()
+    t0 = last_save = last_log = time.perf_counter()
     every = SAVE_EVERY_S if save_every_s is None else save_every_s
+    log_lines = progress is None and not show  # an explicit progress=False stays silent
 
     def save(step: int) -> None:
         _write_state(Path(resume_file), {
@@ -259,6 +263,11 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if log_lines and (now := time.perf_counter()) - last_log >= LOG_EVERY_S:
+                last_log, done = now, step + 1
+                left = (steps - done) * (now - t0) / max(1, done - start)
+                log.info("%s: step %d/%d, loss %.3f, %.0f s so far, about %.0f s left", desc, done, steps,
+                         losses[-1], before + now - t0, left)
         if resume_file is not None and save_final and start < steps:
             save(steps)  # a finished call: a resumed multi-stage warm-up skips it
     finally:
