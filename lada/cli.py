@@ -225,10 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
     e.set_defaults(func=cmd_eval)
 
-    from lada.models.warmup import add_arguments as add_warmup_arguments
-
-    w = add_warmup_arguments(sub.add_parser(
-        "warmup", help="warm up every participant of a config (cached) and print their accuracies"))
+    w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies "
+                       "(also `python -m lada.models.warmup`)")
+    w.add_argument("config", help="run config TOML")
+    w.add_argument("--cache-dir", default="", help="warm-up cache (default: the config's cache_dir, "
+                   "else LADA_CACHE or ~/.cache/lada)")
+    w.add_argument("--ship", action="store_true",
+                   help="ignore shipped checkpoints and copy the results into the repo's checkpoints/")
+    w.add_argument("--only", default="", help="comma-separated participants, e.g. server,client0")
+    w.add_argument("--no-eval", action="store_true", help="skip the accuracy columns")
+    w.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    w.add_argument("--seed", type=int, default=None,
+                   help="the run seed (where [data] seed is unset, it also draws the data split these "
+                        "warm-ups train on: the warm-ups a `lada run --seed N` uses)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     w.set_defaults(func=cmd_warmup, parser=w)
 
     f = sub.add_parser("federation", help="bring a local SuperLink + SuperNodes up or down")

@@ -309,28 +309,12 @@ def ship_checkpoint(model_cfg: ModelConfig, path: Path, root: Path | None = None
     return dest
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The warm-up's options, shared by ``lada warmup`` and ``python -m lada.models.warmup``."""
-    parser.add_argument("config", help="run config TOML")
-    parser.add_argument("--cache-dir", default="", help="warm-up cache (default: the config's cache_dir, "
-                        "else LADA_CACHE or ~/.cache/lada)")
-    parser.add_argument("--ship", action="store_true",
-                        help="ignore shipped checkpoints and copy the results into the repo's checkpoints/")
-    parser.add_argument("--only", default="", help="comma-separated participants, e.g. server,client0")
-    parser.add_argument("--no-eval", action="store_true", help="skip the accuracy columns")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="the run seed (where [data] seed is unset, it also draws the data split these "
-                             "warm-ups train on: the warm-ups a `lada run --seed N` uses)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m lada.models.warmup",
-        description="Warm up every participant of a config (cached), evaluate them and print the table."))
-    return run(parser.parse_args(argv), parser)
+    """``python -m lada.models.warmup ...`` is ``lada warmup ...`` (one argument list, in
+    ``lada.cli``)."""
+    from lada.cli import main as cli_main
+
+    return cli_main(["warmup", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
