@@ -285,6 +285,14 @@ def _cell_key(ctx: Context, name: str) -> str:
 
 
 
+def _write_cell(path: Path, record: dict) -> None:
+    """Store a cell's record atomically (a stopped job never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable[[str], None] | None = None) -> dict:
     """The cell's stored result if its inputs are unchanged, else measure and store it."""
     from lada import timing
@@ -307,10 +315,7 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
               "devices": sorted({m.device for m in [ctx.cfg.server, *ctx.cfg.clients]}),
               "format": FORMAT, "epochs": ctx.epochs, "config": _cell_config(ctx.cfg),
               "time_by_kind": {k: round(v, 1) for k, v in timing.totals().items()}, "result": result}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(path)
+    _write_cell(path, record)
     if log:
         log(f"seed {ctx.seed} {name}: {_brief(result)} ({record['seconds']:.0f}s)")
     return result
@@ -335,7 +340,8 @@ def adopt_cell(ctx: Context, name: str, source: Path) -> str:
     try:
         stored = json.loads(path.read_text())
         meta = (stored["cell"], stored["seed"], stored["epochs"], stored["format"])
-        result = stored["result"]
+        if "result" not in stored:
+            raise KeyError("result")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path} is not a readable cell ({e})"
     if meta != (name, ctx.seed, ctx.epochs, FORMAT):
@@ -344,13 +350,8 @@ def adopt_cell(ctx: Context, name: str, source: Path) -> str:
     config = {**stored.get("config", {}), **{k: current[k] for k in _NOT_IN_CENTRAL}}
     if not config_matches(config, ctx.cfg):
         return f"{path} was measured under another config (data, models or training differ)"
-    record = {**stored, "key": _cell_key(ctx, name), "config": current, "reused_from": str(path.absolute()),
-              "result": result}
-    dest = ctx.out / f"seed{ctx.seed}" / f"{name}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(dest)
+    _write_cell(ctx.out / f"seed{ctx.seed}" / f"{name}.json",
+                {**stored, "key": _cell_key(ctx, name), "config": current, "reused_from": str(path.absolute())})
     return ""
 
 
