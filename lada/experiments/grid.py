@@ -183,6 +183,19 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> bool:
         and _same_config(run_dir / "config.toml", cfg)
 
 
+def grid_cells(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
+               overrides: list[str] | None = None) -> list[tuple[str, int, RunConfig]]:
+    """(method, seed, config as the runner will write it: the engine is part of it) for
+    every cell of the grid."""
+    cells = []
+    for method in methods:
+        for seed in seeds:
+            cfg = method_config(base, method, seed, out_dir, overrides or [])
+            cfg.engine.kind = engine or cfg.engine.kind
+            cells.append((method, seed, cfg))
+    return cells
+
+
 def cell_state(method: str, cfg: RunConfig) -> str:
     """Where one method x seed cell stands, for ``lada grid --status``: ``done``, how far
     a stopped or running run got (it resumes from there), ``-`` (not started), or
@@ -224,12 +237,7 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``).
     ``premises``: take the centralised bound's cells from this premises folder where they
     match (``run_centralised``)."""
-    cells = []  # (method, seed, config as the runner will write it: the engine is part of it)
-    for method in methods:
-        for seed in seeds:
-            cfg = method_config(base, method, seed, out_dir, overrides or [])
-            cfg.engine.kind = engine or cfg.engine.kind
-            cells.append((method, seed, cfg))
+    cells = grid_cells(base, methods, seeds, out_dir, engine, overrides)
     if report_only:
         missing = [f"{m} seed {s} ({cfg.run_dir})" for m, s, cfg in cells if not _finished(Path(cfg.run_dir), cfg)]
         if missing:
@@ -407,15 +415,20 @@ def comparisons(methods: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _per_seed(by_seed: dict[int, list[dict]]) -> tuple[dict[int, float], dict[int, float]]:
-    """Final-round SLM mean and LLM accuracy of one method, by seed."""
-    slm, llm = {}, {}
+def per_seed(by_seed: dict[int, list[dict]]) -> dict[str, dict[int, float]]:
+    """One method's final-round SLM mean (``slm``) and LLM accuracy (``llm``), and its
+    host MB (``mb``) and LaDa KB (``lada_kb``) per round, each by seed (a seed without
+    the value is left out), for comparisons paired by seed."""
+    out: dict[str, dict[int, float]] = {"slm": {}, "llm": {}, "mb": {}, "lada_kb": {}}
     for seed, rows in by_seed.items():
         s = summarise({seed: rows})
-        slm[seed] = s["slm_mean"][0]
+        out["slm"][seed] = s["slm_mean"][0]
         if s["finals"].get("llm"):
-            llm[seed] = s["finals"]["llm"][0]
-    return slm, llm
+            out["llm"][seed] = s["finals"]["llm"][0]
+        if s["mb_per_round"]:
+            out["mb"][seed] = s["mb_per_round"][0]
+            out["lada_kb"][seed] = s["lada_kb_per_round"][0]
+    return out
 
 
 def paired_table(results: dict[str, dict[int, list[dict]]], seeds: list[int]) -> list[str]:
@@ -423,7 +436,7 @@ def paired_table(results: dict[str, dict[int, list[dict]]], seeds: list[int]) ->
     pairs = comparisons(list(results))
     if not pairs:
         return []
-    per = {m: _per_seed(results[m]) for m in {x for p in pairs for x in p}}
+    per = {m: per_seed(results[m]) for m in {x for p in pairs for x in p}}
 
     def cell(d: list[float]) -> str:
         return "-" if not d else mean_std(d, "+") + (f" ({judge(d)})" if len(d) > 1 else "")
@@ -433,8 +446,8 @@ def paired_table(results: dict[str, dict[int, list[dict]]], seeds: list[int]) ->
              "(95%; one seed is not judged).", "",
              "| method | minus | seeds | Δ SLM mean | Δ LLM |", "|---|---|---|---|---|"]
     for m, ref in pairs:
-        d_slm = paired(per[ref][0], per[m][0], seeds)
-        d_llm = paired(per[ref][1], per[m][1], seeds)
+        d_slm = paired(per[ref]["slm"], per[m]["slm"], seeds)
+        d_llm = paired(per[ref]["llm"], per[m]["llm"], seeds)
         lines.append(f"| {m} | {ref} | {len(d_slm)} | {cell(d_slm)} | {cell(d_llm)} |")
     return lines
 
@@ -534,11 +547,8 @@ def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str |
             raise ConfigError(f"--premises: {premises} is not a folder (give a `lada premises --out` folder)")
         if status:
             states: dict[str, dict[int, str]] = {}
-            for method in names:
-                for seed in seeds:
-                    cfg = method_config(Path(base), method, seed, Path(out), overrides)
-                    cfg.engine.kind = engine or cfg.engine.kind
-                    states.setdefault(method, {})[seed] = cell_state(method, cfg)
+            for method, seed, cfg in grid_cells(Path(base), names, seeds, Path(out), engine, overrides):
+                states.setdefault(method, {})[seed] = cell_state(method, cfg)
             print(format_status(states, seeds), end="")
             return 0
         run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag,
