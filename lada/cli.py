@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     w = sub.add_parser("warmup", help="warm up every participant of a config (cached) and print their accuracies "
-                       "(also `python -m lada.models.warmup`)")
+                       "(also `python -m lada warmup`)")
     w.add_argument("config", help="run config TOML")
     w.add_argument("--cache-dir", default="", help="warm-up cache (default: the config's cache_dir, "
                    "else LADA_CACHE or ~/.cache/lada)")

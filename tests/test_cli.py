@@ -57,3 +57,17 @@ def test_bad_config_is_one_clear_message(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.toml" in err and "trian" in err
+
+
+def test_python_dash_m_lada_is_the_lada_command():
+    """``python -m lada`` works in a checkout that is not pip-installed (the warm-up
+    docs use it); it must reach the same parser as ``lada``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "lada", "warmup", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: lada warmup")

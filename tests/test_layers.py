@@ -22,6 +22,7 @@ LAYERS = [
     ["lada.engines"],
     ["lada.experiments"],
     ["lada.cli"],
+    ["lada.__main__"],  # `python -m lada`: calls lada.cli
 ]
 
 

@@ -17,7 +17,7 @@ is asked for, with the result an unbroken warm-up gives.
 
 Regenerate the shipped checkpoints and print the calibration table with::
 
-    python -m lada.models.warmup configs/default.toml --ship
+    lada warmup configs/default.toml --ship
 """
 
 from __future__ import annotations
@@ -309,14 +309,6 @@ def ship_checkpoint(model_cfg: ModelConfig, path: Path, root: Path | None = None
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lada.models.warmup ...`` is ``lada warmup ...`` (one argument list, in
-    ``lada.cli``)."""
-    from lada.cli import main as cli_main
-
-    return cli_main(["warmup", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Warm up (or reuse) the chosen participants, evaluate them, print the table."""
     import torch
@@ -359,6 +351,3 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(format_table(cfg, rows))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
