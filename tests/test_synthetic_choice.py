@@ -4,6 +4,7 @@ multiple choice. Determinism, checkable choice lines, ids and disjointness, conf
 from __future__ import annotations
 
 import collections
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from lada.config import SYNTHETIC_TASKS, ConfigError, DataConfig, load_config
 from lada.data.answers import check_steps, is_correct, verify_path
+from lada.data.loaders import DataFormatError, load_jsonl
 from lada.data.records import example_prompt, example_target
 from lada.data.split import data_fingerprint
 from lada.data.synthetic import TASKS, build_synthetic, generate, tokenizer_corpus
@@ -22,7 +24,7 @@ SMALL = dict(seed=0, train_per_client=40, test_per_client=20, public_size=30, se
 
 
 def _value(option: str) -> int:
-    return int(option.split(")", 1)[1])
+    return int(option.split(" (", 1)[0])
 
 
 @pytest.mark.parametrize("domain", ["general", "shop", "gen2"])
@@ -35,13 +37,14 @@ def test_choice_problems_are_the_arith_chains_deterministic_by_seed(domain):
         assert ex.id == base.id.replace("syn-", "syn-choice-", 1) and ex.question == base.question
         assert ex.answer_type == "option" and ex.answer in LETTERS and ex.domain == domain
         assert ex.rationale.splitlines()[:-1] == base.rationale.splitlines()
-        assert ex.rationale.splitlines()[-1] == f"{base.answer} is option {ex.answer}"
+        assert ex.rationale.splitlines()[-1] == f"{base.answer} ({ex.answer})"
+        assert f"{base.answer} ({ex.answer})" in ex.options  # the choice line repeats the option as listed
         values = [_value(o) for o in ex.options]
-        assert [o[0] for o in ex.options] == list(LETTERS) and len(set(values)) == 5 and min(values) >= 1
+        assert [o[-2] for o in ex.options] == list(LETTERS) and len(set(values)) == 5 and min(values) >= 1
         assert values[LETTERS.index(ex.answer)] == int(base.answer)
         assert ex.num_steps == base.num_steps  # the choice line is not a reasoning step
         assert verify_path(example_target(ex), ex) and check_steps(example_target(ex), ex.options).choice == ex.answer
-        assert "Options: A)" in example_prompt(ex)
+        assert f"Options: {ex.options[0]} " in example_prompt(ex) and ex.options[0].endswith(" (A)")
 
 
 def test_answer_letters_and_ranks_are_spread():
@@ -67,11 +70,11 @@ EX = generate("shop", 5, seed=0, task="choice")[2]
 def _path(choice_value: str | None = None, letter: str | None = None, answer: str | None = None,
           break_step: bool = False) -> str:
     lines = EX.rationale.splitlines()
-    value, _, chosen = lines[-1].split()[0], None, lines[-1].split()[-1]
+    value, chosen = lines[-1].split()[0], lines[-1].split()[-1].strip("()")
     steps = lines[:-1]
     if break_step:
         steps[0] = steps[0].replace(">>", "1>>", 1)
-    choice = f"{choice_value or value} is option {letter or chosen}"
+    choice = f"{choice_value or value} ({letter or chosen})"
     return "\n".join([*steps, choice, f"#### {answer or chosen}"])
 
 
@@ -83,7 +86,7 @@ def test_choice_paths_good_wrong_answer_and_broken_steps():
     good = _path()
     assert verify_path(good, EX) and check_steps(good, EX.options).n_checked == EX.num_steps + 1
     wrong = _wrong_letter()
-    wrong_value = EX.options[LETTERS.index(wrong)].split(")")[1]
+    wrong_value = str(_value(EX.options[LETTERS.index(wrong)]))
     # the answer line names another option: wrong answer, and it contradicts the choice line
     bad_answer = _path(answer=wrong)
     assert not is_correct(bad_answer, EX.answer, "option", EX.options) and not verify_path(bad_answer, EX)
@@ -109,7 +112,7 @@ def test_a_right_letter_without_the_choice_line_or_after_a_wrong_chain_is_not_ve
     last = lines[-2]
     v = int(last.rsplit(">>", 1)[1])
     wrong_chain = "\n".join([*lines[:-2], last.replace(f"={v}>>{v}", f"={v + 1}>>{v + 1}"),
-                             f"{v + 1} is option {EX.answer}", f"#### {EX.answer}"])
+                             f"{v + 1} ({EX.answer})", f"#### {EX.answer}"])
     assert not verify_path(wrong_chain, EX)
     # the answer stated as the option's value maps to its letter and stays consistent
     by_value = _path(answer=lines[-1].split()[0])
@@ -117,10 +120,28 @@ def test_a_right_letter_without_the_choice_line_or_after_a_wrong_chain_is_not_ve
 
 
 def test_choice_lines_are_unchecked_without_options_and_number_answers_unchanged():
-    text = "3+4=<<3+4=7>>7\n9 is option B\n#### B"
+    text = "3+4=<<3+4=7>>7\n9 (B)\n#### B"
     assert check_steps(text).all_ok and check_steps(text).n_checked == 1 and check_steps(text).n_steps == 1
-    assert not check_steps(text, ("A)7", "B)9")).all_ok  # 9 is not the chain's result
-    assert check_steps("3+4=<<3+4=7>>7\n7 is option A\n#### A", ("A)7", "B)9")).all_ok
+    assert not check_steps(text, ("7 (A)", "9 (B)")).all_ok  # 9 is not the chain's result
+    assert check_steps("3+4=<<3+4=7>>7\n7 (A)\n#### A", ("7 (A)", "9 (B)")).all_ok
+    # options labelled letter first (the AQuA style) are read the same way
+    assert check_steps("3+4=<<3+4=7>>7\n7 (A)\n#### A", ("A)7", "B)9")).all_ok
+
+
+def test_choice_examples_round_trip_through_the_jsonl_loader(tmp_path):
+    # the value-first labels ("4 (A)") are labels to the loader: kept as they are, not relabelled
+    exs = generate("farm", 20, seed=2, task="choice")
+    f = tmp_path / "choice.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in ex.to_dict().items()
+                                     if k in ("id", "question", "rationale", "answer", "answer_type", "domain", "options")}) + "\n"
+                         for ex in exs))
+    back = load_jsonl(f)
+    assert [b.options for b in back] == [ex.options for ex in exs]
+    assert all(verify_path(example_target(b), b) for b in back)
+    f.write_text(json.dumps({"question": "q", "rationale": "", "answer": "A", "answer_type": "option",
+                             "options": ["4 (A)", "5 (C)"]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"options\[1\].*label 'C' is out of order"):
+        load_jsonl(f)
 
 
 def test_choice_federation_is_disjoint_with_choice_ids_and_the_arith_questions():
@@ -140,7 +161,7 @@ def test_choice_federation_is_disjoint_with_choice_ids_and_the_arith_questions()
 
 def test_tokenizer_corpus_covers_the_choice_format():
     text = "\n".join(tokenizer_corpus(DataConfig(**SMALL, task="choice"), 0))
-    assert "Options: A)" in text and " is option " in text
+    assert re.search(r"Options: \d+ \(A\) \d+ \(B\)", text) and re.search(r"\n\d+ \([A-E]\)\n#### [A-E]", text)
 
 
 def test_task_config_default_and_errors(tmp_path):

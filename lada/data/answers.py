@@ -185,8 +185,10 @@ def _letter_in_segment(seg: str, letters: str) -> str | None:
 
 
 def option_body(option: str) -> str:
-    """An option's text without its label: ``"mall"`` for ``"C) mall"``."""
-    return re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", option)
+    """An option's text without its label: ``"mall"`` for ``"C) mall"``, ``"(C) mall"``
+    or ``"mall (C)"`` (the synthetic choice task lists the value first)."""
+    text = re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", option)
+    return re.sub(r"\s*\([A-Za-z]\)\s*$", "", text) if text == option else text
 
 
 def _norm_text(text: str) -> str:
@@ -423,7 +425,7 @@ class StepCheck:
 
 
 def _choice_ok(value: str, letter: str, options: tuple[str, ...] | list[str], last_result: str | None) -> bool:
-    """A choice line ``<value> is option <L>`` is right when option L exists and its text is
+    """A choice line ``<value> (<L>)`` is right when option L exists and its text is
     that value, and the value is the result of the last calculator note before it (if any)."""
     idx = _option_letters(options).find(letter)
     if idx < 0:
@@ -440,7 +442,7 @@ def check_steps(text: str, options: tuple[str, ...] | list[str] = ()) -> StepChe
     A note is wrong if its expression does not evaluate to its value, if it cannot be
     parsed, if the number written right after it differs from its value, or if a ``<<``
     is never closed on its line (a truncated note). With the question's ``options``, a
-    choice line (``10 is option B``) is checked too: option B must be 10, 10 must be the
+    choice line (``10 (B)``) is checked too: option B must be 10, 10 must be the
     last note's result, and the answer line must name the same option as the last choice
     line (a mismatch counts against that line).
     """

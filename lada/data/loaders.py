@@ -286,11 +286,22 @@ def _check_text(value: str, name: str) -> None:
 
 
 _LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)")
+_TRAILING_LABEL_RE = re.compile(r"\s\(([A-Z])\)\s*$")  # "4 (A)": value first (the synthetic choice task)
+
+
+def _label(opt: str) -> tuple[str, str] | None:
+    """(letter, text) of a labelled option, ``A) text``, ``(A) text`` or ``text (A)``; None if bare."""
+    m = _LABEL_RE.match(opt)
+    if m:
+        return m.group(1), opt[m.end():].strip()
+    m = _TRAILING_LABEL_RE.search(opt)
+    return (m.group(1), opt[:m.start()].strip()) if m else None
 
 
 def _options(rec: dict, answer_type: str, label_bare: bool) -> tuple[str, ...]:
-    """The ``options`` list, checked: non-empty strings, labels ``A) B) C) ...`` unique and in
-    order (bare texts are labelled when ``label_bare``; labelled and bare may not mix)."""
+    """The ``options`` list, checked: non-empty strings, labels ``A) B) C) ...`` (or ``... (A)``)
+    unique and in order (bare texts are labelled when ``label_bare``; labelled and bare may
+    not mix)."""
     opts = _get(rec, "options", list)
     if answer_type != "option":
         raise _Bad("options", f"given, but answer_type is {answer_type!r}; options belong to 'option' questions")
@@ -304,7 +315,7 @@ def _options(rec: dict, answer_type: str, label_bare: bool) -> tuple[str, ...]:
         if not isinstance(opt, str) or not opt.strip():
             raise _Bad(f"options[{i}]", "expected a non-empty string")
         _check_text(opt, f"options[{i}]")
-        m = _LABEL_RE.match(opt)
+        m = _label(opt)
         if labelled is None:
             labelled = bool(m) or not label_bare
         want = chr(65 + i)
@@ -312,12 +323,11 @@ def _options(rec: dict, answer_type: str, label_bare: bool) -> tuple[str, ...]:
             if not m:
                 raise _Bad(f"options[{i}]", f"{opt.strip()[:40]!r} has no label; expected '{want}) ...' "
                                             "(label every option, or none)")
-            if m.group(1).upper() != want:
-                seen = [o for o in out if o.startswith(m.group(1).upper() + ")")]
-                what = "repeats" if seen else "is out of order"
-                raise _Bad(f"options[{i}]", f"label {m.group(1)!r} {what}; expected {want!r} "
+            letter, body = m
+            if letter.upper() != want:
+                what = "repeats" if ord(letter.upper()) < ord(want) else "is out of order"
+                raise _Bad(f"options[{i}]", f"label {letter!r} {what}; expected {want!r} "
                                             "(labels run A, B, C, ... in order)")
-            body = opt[m.end():].strip()
             if not body:
                 raise _Bad(f"options[{i}]", f"label {want!r} has no text")
             out.append(opt.strip())

@@ -18,11 +18,12 @@ ANSWER_TYPES: tuple[str, ...] = ("number", "option", "yesno")
 # The answer line marker (GSM8K style). Generation stops after the line that holds it.
 ANSWER_MARKER = "####"
 
-# A choice line, "<value> is option <L>": the last rationale line of the synthetic
-# choice task (docs/testbed.md), naming the option whose value the chain reached. It
-# links the calculator steps to the answer letter (lada.data.answers.check_steps checks
-# it); it is not a reasoning step of its own.
-CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+is option\s+([A-Z])\s*$")
+# A choice line, "<value> (<L>)": the last rationale line of the synthetic choice task
+# (docs/testbed.md), naming the option whose value the chain reached, written exactly as
+# that option is listed in the prompt ("Options: 4 (A) 11 (B) ..."). It links the
+# calculator steps to the answer letter (lada.data.answers.check_steps checks it); it is
+# not a reasoning step of its own.
+CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\(([A-Z])\)\s*$")
 
 
 @dataclass(frozen=True)

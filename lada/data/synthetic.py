@@ -393,12 +393,18 @@ def example_id(task: str, domain: str, seed: int, suffix: str) -> str:
 # one more rationale line that names the option the chain reached::
 #
 #     Question: Vic has 9 coins at the shop. Vic earns 2 coins. Vic buys a vase. How many coins does Vic have now?
-#     Options: A)4 B)11 C)3 D)2 E)7
+#     Options: 4 (A) 11 (B) 3 (C) 2 (D) 7 (E)
 #     Answer:
 #     9+2=<<9+2=11>>11
 #     11-8=<<11-8=3>>3
-#     3 is option C
+#     3 (C)
 #     #### C
+#
+# Each option lists its value before its letter, and the choice line repeats the chosen
+# option as listed, so picking the letter is a copy: find the chain's result among the
+# options and write what follows it. With the letter first (``A)4``, the AQuA style) the
+# model must fetch the token *before* a match; a four-layer server warm-up on 12.5M tokens
+# got its chains right and still scored 15% (below chance) that way (docs/testbed.md).
 #
 # Every line is checkable (``lada.data.answers.check_steps`` with the options): the notes as
 # before, and the choice line must name the option whose value is the last note's result,
@@ -484,8 +490,8 @@ def to_choice(ex: Example) -> Example:
     values = [answer, *_choice_distractors(v0, steps, answer, rng)]
     rng.shuffle(values)
     letter = CHOICE_LETTERS[values.index(answer)]
-    options = tuple(f"{L}){v}" for L, v in zip(CHOICE_LETTERS, values))
-    return dataclasses.replace(ex, id=new_id, rationale=f"{ex.rationale}\n{answer} is option {letter}",
+    options = tuple(f"{v} ({L})" for L, v in zip(CHOICE_LETTERS, values))
+    return dataclasses.replace(ex, id=new_id, rationale=f"{ex.rationale}\n{answer} ({letter})",
                                answer=letter, answer_type="option", options=options)
 
 
