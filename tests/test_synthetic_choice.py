@@ -207,3 +207,33 @@ def test_paths_sampled_from_a_model_are_verified_by_their_choice_lines(tmp_path)
             # the same path against other options: its choice line no longer holds
             moved = dataclasses.replace(ex, options=ex.options[1:] + ex.options[:1])
             assert not check_steps(c.text, moved.options).all_ok
+
+
+def test_choice_lookup_separates_the_chain_from_the_letter():
+    from lada.data.answers import choice_lookup
+
+    lines = EX.rationale.splitlines()
+    wrong = _wrong_letter()
+    right = example_target(EX)
+    chain_then_wrong_letter = "\n".join([*lines[:-1], f"{_value(EX.options[LETTERS.index(wrong)])} ({wrong})",
+                                         f"#### {wrong}"])
+    gold = _value(EX.options[LETTERS.index(EX.answer)])
+    wrong_chain = f"{gold}+1=<<{gold}+1={gold + 1}>>{gold + 1}\n#### {EX.answer}"  # right letter, wrong value
+    outputs = [right, chain_then_wrong_letter, "no chain at all\n#### " + EX.answer, wrong_chain]
+    assert choice_lookup(outputs, [EX] * 4) == (4, 2, 1)
+    # number questions and options that are not numbers are left out
+    arith = generate("shop", 1, seed=0)[0]
+    words = EX.__class__(**{**EX.to_dict(), "options": ("park (A)", "mall (B)", "x (C)", "y (D)", "z (E)")})
+    assert choice_lookup([right, right], [arith, words]) == (0, 0, 0)
+
+
+def test_the_warmup_table_shows_the_option_lookup_on_the_choice_task():
+    from lada.models.warmup import format_table
+
+    cfg = load_config(CONFIGS / "task2.toml")
+    row = {"who": "server", "model": cfg.server, "params": 1e6, "steps": 10, "seconds": 1.0, "domain": "",
+           "accuracy": {"general 1-3": 0.5, "chain right": 0.9, "letter if chain right": 0.25}}
+    table = format_table(cfg, [row])
+    assert table.splitlines()[0].endswith("| chain right | letter if chain right |")
+    assert table.splitlines()[2].endswith("| 90% | 25% |")
+    assert "chain right" not in format_table(load_config(CONFIGS / "default.toml"), [row])

@@ -413,7 +413,8 @@ class StepCheck:
     ``n_steps``: non-empty lines before the answer line, choice lines not counted;
     ``n_checked``: notes (and, with options, choice lines) found; ``first_wrong_line``:
     1-based line number in the text of the first wrong one; ``choice``: the letter of
-    the last checked choice line, if any.
+    the last checked choice line, if any; ``last_result``: the value of the last right
+    note before the answer line (where the chain ended), if any.
     """
 
     n_steps: int
@@ -422,6 +423,7 @@ class StepCheck:
     all_ok: bool
     first_wrong_line: int | None
     choice: str | None = None
+    last_result: str | None = None
 
 
 def _choice_ok(value: str, letter: str, options: tuple[str, ...] | list[str], last_result: str | None) -> bool:
@@ -483,7 +485,29 @@ def check_steps(text: str, options: tuple[str, ...] | list[str] = ()) -> StepChe
     if choice is not None and marker_lines and extract_answer(text, "option", options) != choice[1]:
         n_wrong += 1
         first_wrong = choice[0] + 1 if first_wrong is None else min(first_wrong, choice[0] + 1)
-    return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong, choice[1] if choice else None)
+    return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong, choice[1] if choice else None,
+                     last_result)
+
+
+def choice_lookup(outputs: list[str], examples: list[Example]) -> tuple[int, int, int]:
+    """Where a multiple-choice answer goes wrong, for questions whose options are numbers
+    (the synthetic choice task): ``(n, chain_right, letter_right)``, with ``chain_right``
+    the outputs whose last right note reached the gold option's value, and
+    ``letter_right`` those of them that also name the gold letter. A model that reasons
+    well but cannot find its value among the options shows a high first rate and a low
+    second one. Questions without numeric options are left out of ``n``."""
+    n = chain_right = letter_right = 0
+    for text, ex in zip(outputs, examples):
+        idx = _option_letters(ex.options).find(ex.answer) if ex.options else -1
+        gold = canonical_number(option_body(ex.options[idx])) if idx >= 0 else None
+        if gold is None:
+            continue
+        n += 1
+        reached = check_steps(text, ex.options).last_result
+        if reached is not None and numbers_equal(reached, gold):
+            chain_right += 1
+            letter_right += is_correct(text, ex.answer, "option", ex.options)
+    return n, chain_right, letter_right
 
 
 def verify_path(text: str, example: Example) -> bool:

@@ -263,19 +263,34 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
 
 
 def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, list[Example]]) -> dict[str, float]:
+    """Accuracy on each calibration set; on the choice task also, over all of them pooled,
+    ``chain right`` (the chain reached the right value) and ``letter if chain right``
+    (and then the right letter was named: the option lookup; lada.data.answers.choice_lookup)."""
+    from lada.data.answers import choice_lookup
     from lada.models.generation import evaluate
     from lada.models.loading import load_model
 
     lm = load_model(dataclasses.replace(participant_config(cfg, who), lora_r=0), path)
-    return {name: evaluate(lm, xs, cfg.generation, progress=False).accuracy for name, xs in sets.items()}
+    acc, lookup = {}, [0, 0, 0]
+    for name, xs in sets.items():
+        res = evaluate(lm, xs, cfg.generation, progress=False)
+        acc[name] = res.accuracy
+        lookup = [a + b for a, b in zip(lookup, choice_lookup(res.outputs, xs))]
+    n, chain, letter = lookup
+    if cfg.data.task == "choice" and n:
+        acc["chain right"] = chain / n
+        if chain:
+            acc["letter if chain right"] = letter / chain
+    return acc
 
 
 def format_table(cfg: RunConfig, rows: list[dict]) -> str:
     """Markdown table: participant, model, params, steps, seconds, accuracies."""
     doms = [_client_domain(cfg, k) for k in range(len(cfg.clients))] if cfg.data.source == "synthetic" \
         else list(cfg.data.domains)
+    lookup = ["chain right", "letter if chain right"] if cfg.data.task == "choice" else []
     head = ["participant", "model", "params", "warm-up steps", "seconds", "own domain", "general 1-3",
-            "general 4-6", *doms]
+            "general 4-6", *doms, *lookup]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = r.get("accuracy", {})
@@ -284,7 +299,8 @@ def format_table(cfg: RunConfig, rows: list[dict]) -> str:
         m = r["model"]
         lines.append("| " + " | ".join([r["who"], f"{m.name} d{m.hidden_size}x{m.num_layers} v{m.vocab_size}",
                                          f"{r['params'] / 1e6:.2f}M", str(r["steps"]), f"{r['seconds']:.0f}", own,
-                                         pct("general 1-3"), pct("general 4-6"), *(pct(d) for d in doms)]) + " |")
+                                         pct("general 1-3"), pct("general 4-6"), *(pct(d) for d in doms),
+                                         *(pct(k) for k in lookup)]) + " |")
     return "\n".join(lines)
 
 
