@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from lada.data.records import ANSWER_MARKER, CHOICE_LINE_RE, Example
+from lada.data.records import ANSWER_MARKER, CHOICE_LINE_RE, TRAILING_OPTION_LABEL_RE, Example
 
 # ----------------------------------------------------------------------------- numbers
 
@@ -188,7 +188,7 @@ def option_body(option: str) -> str:
     """An option's text without its label: ``"mall"`` for ``"C) mall"``, ``"(C) mall"``
     or ``"mall (C)"`` (the synthetic choice task lists the value first)."""
     text = re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", option)
-    return re.sub(r"\s*\([A-Za-z]\)\s*$", "", text) if text == option else text
+    return TRAILING_OPTION_LABEL_RE.sub("", text) if text == option else text
 
 
 def _norm_text(text: str) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lada.data.answers import canonical_gold, check_steps, option_letter_of_text
-from lada.data.records import ANSWER_MARKER, ANSWER_TYPES, Example
+from lada.data.records import ANSWER_MARKER, ANSWER_TYPES, TRAILING_OPTION_LABEL_RE, Example
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,6 @@ def _check_text(value: str, name: str) -> None:
 
 
 _LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)")
-_TRAILING_LABEL_RE = re.compile(r"\s\(([A-Z])\)\s*$")  # "4 (A)": value first (the synthetic choice task)
 
 
 def _label(opt: str) -> tuple[str, str] | None:
@@ -294,7 +293,7 @@ def _label(opt: str) -> tuple[str, str] | None:
     m = _LABEL_RE.match(opt)
     if m:
         return m.group(1), opt[m.end():].strip()
-    m = _TRAILING_LABEL_RE.search(opt)
+    m = TRAILING_OPTION_LABEL_RE.search(opt)
     return (m.group(1), opt[:m.start()].strip()) if m else None
 
 

@@ -24,6 +24,9 @@ ANSWER_MARKER = "####"
 # calculator steps to the answer letter (lada.data.answers.check_steps checks it); it is
 # not a reasoning step of its own.
 CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\(([A-Z])\)\s*$")
+# An option labelled after its text, "4 (A)": how the synthetic choice task lists its
+# options (value first). Letter-first labels ("A) 4", AQuA's style) are the other kind.
+TRAILING_OPTION_LABEL_RE = re.compile(r"\s\(([A-Z])\)\s*$")
 
 
 @dataclass(frozen=True)

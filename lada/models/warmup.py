@@ -271,13 +271,15 @@ def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, l
     from lada.models.loading import load_model
 
     lm = load_model(dataclasses.replace(participant_config(cfg, who), lora_r=0), path)
+    choice = cfg.data.task == "choice"
     acc, lookup = {}, [0, 0, 0]
     for name, xs in sets.items():
         res = evaluate(lm, xs, cfg.generation, progress=False)
         acc[name] = res.accuracy
-        lookup = [a + b for a, b in zip(lookup, choice_lookup(res.outputs, xs))]
+        if choice:
+            lookup = [a + b for a, b in zip(lookup, choice_lookup(res.outputs, xs))]
     n, chain, letter = lookup
-    if cfg.data.task == "choice" and n:
+    if n:
         acc["chain right"] = chain / n
         if chain:
             acc["letter if chain right"] = letter / chain
