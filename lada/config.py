@@ -24,7 +24,9 @@ from lada.schema import (ConfigError, build_dataclass, check_choice, check_non_n
 
 TINY_FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 DATA_SOURCES = ("synthetic", "gsm8k", "strategyqa", "aqua", "jsonl")
-SYNTHETIC_TASKS = ("arith", "choice")  # lada.data.synthetic.TASKS (this module stays torch- and generator-free)
+SYNTHETIC_TASKS = ("arith", "yesno", "choice")  # lada.data.synthetic.TASKS (this module stays torch- and generator-free)
+# tasks whose rationale ends on a line linking the chain to the answer (a comparison, a choice)
+LINKED_TASKS = ("yesno", "choice")
 PARTITIONS = ("domain", "dirichlet", "iid")
 ENGINES = ("simulation", "deployment", "inline")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,8 +112,9 @@ class DataConfig:
     # client_test_steps range, else 1-6 steps) instead of its own domain: a client's
     # users ask general questions too, and there the LLM's long chains have something to teach.
     client_test_general_share: float = 0.0
-    # Synthetic task (docs/testbed.md): "arith" (number answers) or "choice" (the same
-    # chains as five-option multiple choice, answer type "option").
+    # Synthetic task (docs/testbed.md): "arith" (number answers), "yesno" (the same chains
+    # asked "is the answer more than N?", answer type "yesno": task 2 of the evidence) or
+    # "choice" (the same chains as five-option multiple choice, answer type "option").
     task: str = "arith"
 
     def validate(self, where: str) -> None:

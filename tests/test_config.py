@@ -134,13 +134,13 @@ def test_a_scenario_is_the_paper_config_but_for_its_models(path):
         assert (server["hidden_size"], server["num_layers"]) != (c["hidden_size"], c["num_layers"])
 
 
-def test_paper_task2_is_the_paper_config_on_the_choice_task():
+def test_paper_task2_is_the_paper_config_on_the_yesno_task():
     paper = tomllib.loads((CONFIGS / "paper.toml").read_text())
     task2 = tomllib.loads((CONFIGS / "paper-task2.toml").read_text())
-    assert task2["data"].pop("task") == "choice" and task2.pop("name") == "paper-task2"
+    assert task2["data"].pop("task") == "yesno" and task2.pop("name") == "paper-task2"
     paper.pop("name")
     assert task2 == paper
-    assert load_config(CONFIGS / "paper-task2.toml").data.task == "choice"
+    assert load_config(CONFIGS / "paper-task2.toml").data.task == "yesno"
 
 
 def test_build_dataclass_rejects_non_table():

@@ -22,13 +22,15 @@ SAME_SLM = tuple(f"clients.{k}.{key}={value}" for k in (1, 2) for key, value in
                  (("name", '"tiny-qwen2"'), ("vocab_size", "360")))
 HOSTS = {"cot": ('host.upward=true',), "fedmkt": ('host={name="fedmkt"}',),
          "fedcollm": ('host={name="fedcollm"}', *SAME_SLM)}
-# The second embedded task (multiple choice) through every host + LaDa. Its tiny models write no
-# fully right chain, so paths are verified on the answer letter alone here (the choice
-# line checks are unit-tested), and the server warms up long enough to answer in format.
-# (FedMKT and FedCoLLM have no such option: LaDa's paths on them are checked in full.)
-CHOICE = ('data.task="choice"', "server.warmup_steps=250")
-RUNS = {**HOSTS, **{f"{h}-choice": (*HOSTS[h], *CHOICE, *(("host.check_steps=false",) if h == "cot" else ()))
-                    for h in HOSTS}}
+# Task 2 (yes/no) through every host + LaDa, and the multiple-choice task (the option answer
+# path) through one. Their tiny models write no fully right chain, so the CoT host verifies
+# paths on the answer alone here (the comparison and choice line checks are unit-tested),
+# and the server warms up long enough to answer in format. (FedMKT and FedCoLLM have no
+# such option: LaDa's paths on them are checked in full.)
+TASK = {task: (f'data.task="{task}"', "server.warmup_steps=250") for task in ("yesno", "choice")}
+RUNS = {**HOSTS, **{f"{h}-yesno": (*HOSTS[h], *TASK["yesno"], *(("host.check_steps=false",) if h == "cot" else ()))
+                    for h in HOSTS},
+        "cot-choice": (*HOSTS["cot"], *TASK["choice"], "host.check_steps=false")}
 
 
 def tiny_run(run_dir: Path, engine: str, *overrides: str) -> list[dict]:

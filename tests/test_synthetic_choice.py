@@ -1,4 +1,4 @@
-"""The second embedded task ([data] task = "choice"): the arithmetic chains as five-option
+"""The multiple-choice task ([data] task = "choice"): the arithmetic chains as five-option
 multiple choice. Determinism, checkable choice lines, ids and disjointness, config errors."""
 
 from __future__ import annotations
@@ -169,12 +169,11 @@ def test_task_config_default_and_errors(tmp_path):
     # a written split of one task is never reused for the other
     assert data_fingerprint(DataConfig(seed=0, task="choice"), 0) != data_fingerprint(DataConfig(seed=0), 0)
     p = tmp_path / "c.toml"
-    p.write_text((CONFIGS / "tiny-test.toml").read_text().replace('source = "synthetic"', 'source = "synthetic"\ntask = "yesno"'))
-    with pytest.raises(ConfigError, match=r"c\.toml.*\[data\]\.task: must be one of \('arith', 'choice'\)"):
+    p.write_text((CONFIGS / "tiny-test.toml").read_text().replace('source = "synthetic"', 'source = "synthetic"\ntask = "truefalse"'))
+    with pytest.raises(ConfigError, match=r"c\.toml.*\[data\]\.task: must be one of \('arith', 'yesno', 'choice'\)"):
         load_config(p)
     with pytest.raises(ConfigError, match=r"\[data\]\.task: only for source = 'synthetic'"):
         load_config(CONFIGS / "tiny-test.toml", ['data.source="gsm8k"', 'data.partition="iid"', 'data.task="choice"'])
-    assert load_config(CONFIGS / "task2.toml").data.task == "choice"
 
 
 def test_paths_sampled_from_a_model_are_verified_by_their_choice_lines(tmp_path):
@@ -209,8 +208,8 @@ def test_paths_sampled_from_a_model_are_verified_by_their_choice_lines(tmp_path)
             assert not check_steps(c.text, moved.options).all_ok
 
 
-def test_choice_lookup_separates_the_chain_from_the_letter():
-    from lada.data.answers import choice_lookup
+def test_final_step_separates_the_chain_from_the_letter():
+    from lada.data.answers import final_step
 
     lines = EX.rationale.splitlines()
     wrong = _wrong_letter()
@@ -220,11 +219,10 @@ def test_choice_lookup_separates_the_chain_from_the_letter():
     gold = _value(EX.options[LETTERS.index(EX.answer)])
     wrong_chain = f"{gold}+1=<<{gold}+1={gold + 1}>>{gold + 1}\n#### {EX.answer}"  # right letter, wrong value
     outputs = [right, chain_then_wrong_letter, "no chain at all\n#### " + EX.answer, wrong_chain]
-    assert choice_lookup(outputs, [EX] * 4) == (4, 2, 1)
-    # number questions and options that are not numbers are left out
+    assert final_step(outputs, [EX] * 4) == (4, 2, 1)
+    # number questions are left out
     arith = generate("shop", 1, seed=0)[0]
-    words = EX.__class__(**{**EX.to_dict(), "options": ("park (A)", "mall (B)", "x (C)", "y (D)", "z (E)")})
-    assert choice_lookup([right, right], [arith, words]) == (0, 0, 0)
+    assert final_step([right], [arith]) == (0, 0, 0)
 
 
 def test_the_warmup_table_shows_the_option_lookup_on_the_choice_task():
@@ -232,8 +230,8 @@ def test_the_warmup_table_shows_the_option_lookup_on_the_choice_task():
 
     cfg = load_config(CONFIGS / "task2.toml")
     row = {"who": "server", "model": cfg.server, "params": 1e6, "steps": 10, "seconds": 1.0, "domain": "",
-           "accuracy": {"general 1-3": 0.5, "chain right": 0.9, "letter if chain right": 0.25}}
+           "accuracy": {"general 1-3": 0.5, "chain right": 0.9, "answer if chain right": 0.25}}
     table = format_table(cfg, [row])
-    assert table.splitlines()[0].endswith("| chain right | letter if chain right |")
+    assert table.splitlines()[0].endswith("| chain right | answer if chain right |")
     assert table.splitlines()[2].endswith("| 90% | 25% |")
     assert "chain right" not in format_table(load_config(CONFIGS / "default.toml"), [row])

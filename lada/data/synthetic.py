@@ -18,19 +18,21 @@ Domains
 
 Everything is deterministic by seed (``random.Random`` seeded from a string).
 
-``[data] task = "choice"`` asks the same problems as five-option multiple choice
-(the "task 2" part below); the default ``"arith"`` is the number-answer task.
+``[data] task = "yesno"`` asks the same problems as yes/no questions ("... Is the answer
+more than 15?"; the "task 2" part below), ``"choice"`` as five-option multiple choice;
+the default ``"arith"`` is the number-answer task.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from lada.data.records import Example, example_prompt, example_target
+from lada.data.records import COMPARE_QUESTION_RE, Example, example_prompt, example_target
 
 if TYPE_CHECKING:  # imported lazily at runtime: partition.py sits beside this module
     from lada.config import DataConfig
@@ -348,12 +350,13 @@ def generate(domain: str, n: int, seed: int, min_steps: int = 1, max_steps: int 
     ``step_weights`` (one weight per step count in min..max) overrides the domain's
     default distribution (general: uniform; client domains: skewed towards short).
     Questions already in ``exclude`` are skipped, so callers can keep sets disjoint.
-    ``task = "choice"``: the same problems as multiple choice (the "task 2" part below).
+    ``task = "yesno"`` / ``"choice"``: the same problems as yes/no questions or multiple
+    choice (the "task 2" part below); ``exclude`` may hold questions of any task.
     """
     check_task(task)
     dom = _domain(domain)
     rng = random.Random(f"lada-synthetic/{domain}/{seed}/{min_steps}-{max_steps}")
-    seen = set(exclude or ())
+    seen = {base_question(q) for q in exclude or ()}
     out: list[Example] = []
     for k in _step_counts(dom, n, min_steps, max_steps, step_weights, rng):
         for _ in range(1000):
@@ -368,10 +371,13 @@ def generate(domain: str, n: int, seed: int, min_steps: int = 1, max_steps: int 
                            answer=str(answer), answer_type="number", domain=domain, source="synthetic"))
     if task == CHOICE_TASK:
         out = [to_choice(ex) for ex in out]
+    elif task == YESNO_TASK:
+        out = [to_yesno(ex) for ex in out]
     return out
 
 
-TASKS = ("arith", "choice")  # [data] task: number answers, or the same chains as options A-E
+# [data] task: number answers, the same chains asked as yes/no questions, or as options A-E
+TASKS = ("arith", "yesno", "choice")
 
 
 def check_task(task: str) -> None:
@@ -384,9 +390,94 @@ def example_id(task: str, domain: str, seed: int, suffix: str) -> str:
     return f"syn-{domain}-{seed}-{suffix}" if task == "arith" else f"syn-{task}-{domain}-{seed}-{suffix}"
 
 
+# ----------------------------------------------------------------------------- task 2: yes/no
+# The second embedded task, ``[data] task = "yesno"``: the arithmetic chains above asked
+# as yes/no questions (answer type ``yesno``). The question adds one sentence asking about
+# a threshold, and the rationale one comparison line that links the chain to the answer::
+#
+#     Question: Vic has 9 coins at the shop. Vic earns 2 coins. Vic buys a vase. How many coins does Vic have now? Is the answer more than 5?
+#     Answer:
+#     9+2=<<9+2=11>>11
+#     11-8=<<11-8=3>>3
+#     3 < 5
+#     #### no
+#
+# The comparison is local: copy the threshold that follows "more than", compare two numbers
+# digit by digit. A client-size tiny model learns that alone in 1,500 steps (95% right),
+# where it cannot learn to find a value among listed options (the choice task below, at
+# chance; docs/testbed.md, "Task 2").
+#
+# Every line is checkable (``lada.data.answers.check_steps`` with the question's threshold):
+# the notes as before, and the comparison line must be true, compare the last note's result
+# with the threshold, and agree with the answer line. So a path is verified only if its chain
+# reaches the right value; a right yes/no after a wrong chain is not.
+#
+# The threshold is the answer plus or minus 1..``YESNO_NEAR``, and carries no hint: drawn as is,
+# small thresholds would mostly mean yes ("more than 0" always does) and any threshold would
+# lean towards no (small answers are the common ones), so a model could beat 50% from the
+# threshold alone (57% on general problems). So each draw (side, distance) is kept with a
+# probability that makes yes and no equally likely at every threshold, given the domain's
+# answer frequencies in a fixed reference sample (``_acceptance``; a test measures the
+# threshold-only guess on fresh problems). Deterministic by the example's id.
+
+YESNO_TASK = "yesno"
+YESNO_NEAR = 5  # the threshold is within this distance of the answer
+_ACCEPTANCE: dict[str, dict[tuple[int, bool], float]] = {}
+
+
+def base_question(question: str) -> str:
+    """The arithmetic question a yes/no (or any) task question was made from."""
+    return COMPARE_QUESTION_RE.sub("", question).rstrip()
+
+
+def _acceptance(domain: str) -> dict[tuple[int, bool], float]:
+    """(threshold, yes) -> the probability of keeping that draw, so that over the domain's
+    answers P(yes | threshold) = 1/2. A draw's keep rate ``min(1, other/mine)`` balances the
+    mass of answers that reach a threshold from each side; each answer's own rejections
+    reweight it (by 1 / its keep rate), so the masses are recomputed until they settle."""
+    if domain in _ACCEPTANCE:
+        return _ACCEPTANCE[domain]
+    counts = collections.Counter(int(ex.answer) for ex in generate(domain, 4000, seed=-1))  # reference sample
+    draws = {a: [(a - u if yes else a + u, yes) for yes in (True, False) for u in range(1, YESNO_NEAR + 1)]
+             for a in counts}
+    weight = {a: float(c) for a, c in counts.items()}
+    for _ in range(30):  # fixed-point iteration: balanced to <0.1% in 10-20 rounds
+        mass = collections.Counter()  # (t, yes) -> weight of answers whose draw lands there
+        for a, ds in draws.items():
+            for d in ds:
+                mass[d] += weight[a]
+        keep = {(t, y): 0.0 if t < 0 else min(1.0, mass[(t, not y)] / mass[(t, y)]) for (t, y) in mass}
+        weight = {a: c * len(draws[a]) / max(sum(keep[d] for d in draws[a]), 1e-9) for a, c in counts.items()}
+    _ACCEPTANCE[domain] = keep
+    return keep
+
+
+def _draw_threshold(answer: int, keep: dict[tuple[int, bool], float], rng: random.Random) -> tuple[int, bool]:
+    """(threshold, answer is yes): a side and a distance drawn uniformly, kept with ``keep``'s
+    probability (answers outside the reference sample take any draw with a threshold >= 0)."""
+    for _ in range(10_000):
+        yes = rng.random() < 0.5
+        t = answer - rng.randint(1, YESNO_NEAR) if yes else answer + rng.randint(1, YESNO_NEAR)
+        if t >= 0 and rng.random() < keep.get((t, yes), 1.0):
+            return t, yes
+    raise ValueError(f"no yes/no threshold for answer {answer}")  # unreachable for answers in bounds
+
+
+def to_yesno(ex: Example) -> Example:
+    """The yes/no-task version of a synthetic arithmetic example (deterministic by its id)."""
+    new_id = task_id(YESNO_TASK, ex.id)
+    answer = int(ex.answer)
+    t, yes = _draw_threshold(answer, _acceptance(ex.domain), random.Random(f"lada-synthetic/{YESNO_TASK}/{new_id}"))
+    return dataclasses.replace(ex, id=new_id, question=f"{ex.question} Is the answer more than {t}?",
+                               rationale=f"{ex.rationale}\n{answer} {'>' if yes else '<'} {t}",
+                               answer="yes" if yes else "no", answer_type="yesno")
+
+
 # ----------------------------------------------------------------------------- task 2: multiple choice
-# The second embedded task, ``[data] task = "choice"``: the arithmetic chains above
-# asked as five-option multiple choice (answer type ``option``).
+# ``[data] task = "choice"``: the arithmetic chains above asked as five-option multiple
+# choice (answer type ``option``). Measured: tiny models reach the right value and then
+# guess the letter (docs/testbed.md, "Task 2"), so it exercises the option answer path
+# and is not used for evidence.
 #
 # Each problem is an arithmetic problem of the same domain, seed and chain length (same
 # question, same calculator lines), with options A-E listing candidate final values and
@@ -424,9 +515,9 @@ _CHOICE_CALC_RE = re.compile(r"^(\d+)([-+*/])(\d+)=<<")
 CHOICE_NEAR = 10  # near wrong values are within this distance of the answer
 
 
-def choice_id(arith_id: str) -> str:
-    """``syn-choice-<domain>-<seed>-<i>`` for the arithmetic problem ``syn-<domain>-<seed>-<i>``."""
-    return f"syn-{CHOICE_TASK}-" + arith_id.removeprefix("syn-")
+def task_id(task: str, arith_id: str) -> str:
+    """``syn-<task>-<domain>-<seed>-<i>`` for the arithmetic problem ``syn-<domain>-<seed>-<i>``."""
+    return f"syn-{task}-" + arith_id.removeprefix("syn-")
 
 
 def _parse_chain(rationale: str) -> tuple[int, list[tuple[str, int]]]:
@@ -453,6 +544,21 @@ def _run_chain(v0: int, steps: list[tuple[str, int]]) -> int | None:
     return v
 
 
+def _mistakes(v0: int, steps: list[tuple[str, int]], answer: int, rng: random.Random) -> list[int | None]:
+    """Values a mistake gives: the chain stopped one step early (the start value for a
+    one-step chain), then, for each step in random order, the chain with that step's
+    operand changed (the first change, in random order, that stays in bounds)."""
+    out: list[int | None] = [_run_chain(v0, steps[:-1])]
+    for i in rng.sample(range(len(steps)), len(steps)):
+        op, n = steps[i]
+        for m in rng.sample(list(_operands(op)), len(_operands(op))):
+            x = _run_chain(v0, [*steps[:i], (op, m), *steps[i + 1:]])
+            if m != n and x is not None and x != answer:
+                out.append(x)
+                break
+    return out
+
+
 def _choice_distractors(v0: int, steps: list[tuple[str, int]], answer: int, rng: random.Random) -> list[int]:
     """Four distinct wrong values, ``below`` of them under the answer (drawn uniformly from
     what is possible, so the answer's rank is no shortcut): first the values of a chain
@@ -467,14 +573,8 @@ def _choice_distractors(v0: int, steps: list[tuple[str, int]], answer: int, rng:
             picked.append(x)
             quota[x < answer] -= 1
 
-    add(_run_chain(v0, steps[:-1]))
-    for i in rng.sample(range(len(steps)), len(steps)):
-        op, n = steps[i]
-        for m in rng.sample(list(_operands(op)), len(_operands(op))):
-            x = _run_chain(v0, [*steps[:i], (op, m), *steps[i + 1:]])
-            if m != n and x is not None and x != answer:
-                add(x)
-                break
+    for x in _mistakes(v0, steps, answer, rng):
+        add(x)
     near = [x for x in range(max(1, answer - CHOICE_NEAR), answer + CHOICE_NEAR + 1) if x != answer]
     for x in rng.sample(near, len(near)):
         add(x)
@@ -483,7 +583,7 @@ def _choice_distractors(v0: int, steps: list[tuple[str, int]], answer: int, rng:
 
 def to_choice(ex: Example) -> Example:
     """The choice-task version of a synthetic arithmetic example (deterministic by its id)."""
-    new_id = choice_id(ex.id)
+    new_id = task_id(CHOICE_TASK, ex.id)
     rng = random.Random(f"lada-synthetic/{CHOICE_TASK}/{new_id}")
     v0, steps = _parse_chain(ex.rationale)
     answer = int(ex.answer)

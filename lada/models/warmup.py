@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lada.config import ModelConfig, RunConfig, TrainConfig
+from lada.config import LINKED_TASKS, ModelConfig, RunConfig, TrainConfig
 from lada.data.records import Example, example_prompt, example_target
 from lada.data.split import CLIENT_GENERAL_EXAMPLES, CLIENT_GENERAL_MAX_STEPS  # noqa: F401
 
@@ -263,26 +263,25 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
 
 
 def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, list[Example]]) -> dict[str, float]:
-    """Accuracy on each calibration set; on the choice task also, over all of them pooled,
-    ``chain right`` (the chain reached the right value) and ``letter if chain right``
-    (and then the right letter was named: the option lookup; lada.data.answers.choice_lookup)."""
-    from lada.data.answers import choice_lookup
+    """Accuracy on each calibration set; on the yes/no and choice tasks also, over all of them
+    pooled, ``chain right`` (the chain reached the right value) and ``answer if chain right``
+    (and then the right answer followed: the comparison or option lookup; lada.data.answers.final_step)."""
+    from lada.data.answers import final_step
     from lada.models.generation import evaluate
     from lada.models.loading import load_model
 
     lm = load_model(dataclasses.replace(participant_config(cfg, who), lora_r=0), path)
-    choice = cfg.data.task == "choice"
-    acc, lookup = {}, [0, 0, 0]
+    acc, linked = {}, [0, 0, 0]
     for name, xs in sets.items():
         res = evaluate(lm, xs, cfg.generation, progress=False)
         acc[name] = res.accuracy
-        if choice:
-            lookup = [a + b for a, b in zip(lookup, choice_lookup(res.outputs, xs))]
-    n, chain, letter = lookup
+        if cfg.data.task in LINKED_TASKS:
+            linked = [a + b for a, b in zip(linked, final_step(res.outputs, xs))]
+    n, chain, answer = linked
     if n:
         acc["chain right"] = chain / n
         if chain:
-            acc["letter if chain right"] = letter / chain
+            acc["answer if chain right"] = answer / chain
     return acc
 
 
@@ -290,7 +289,7 @@ def format_table(cfg: RunConfig, rows: list[dict]) -> str:
     """Markdown table: participant, model, params, steps, seconds, accuracies."""
     doms = [_client_domain(cfg, k) for k in range(len(cfg.clients))] if cfg.data.source == "synthetic" \
         else list(cfg.data.domains)
-    lookup = ["chain right", "letter if chain right"] if cfg.data.task == "choice" else []
+    lookup = ["chain right", "answer if chain right"] if cfg.data.task in LINKED_TASKS else []
     head = ["participant", "model", "params", "warm-up steps", "seconds", "own domain", "general 1-3",
             "general 4-6", *doms, *lookup]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
