@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from lada.data.records import (ANSWER_MARKER, CHOICE_LINE_RE, COMPARE_LINE_RE, TRAILING_OPTION_LABEL_RE, Example,
+from lada.data.records import (ANSWER_MARKER, CHOICE_LINE_RE, COMPARE_LINE_RE, LEADING_OPTION_LABEL_RE,
+                               TRAILING_OPTION_LABEL_RE, Example,
                                compare_threshold, is_link_line)
 
 # ----------------------------------------------------------------------------- numbers
@@ -188,7 +189,7 @@ def _letter_in_segment(seg: str, letters: str) -> str | None:
 def option_body(option: str) -> str:
     """An option's text without its label: ``"mall"`` for ``"C) mall"``, ``"(C) mall"``
     or ``"mall (C)"`` (the synthetic choice task lists the value first)."""
-    text = re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", option)
+    text = LEADING_OPTION_LABEL_RE.sub("", option, count=1)
     return TRAILING_OPTION_LABEL_RE.sub("", text) if text == option else text
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lada.data.answers import canonical_gold, check_steps, option_letter_of_text
-from lada.data.records import ANSWER_MARKER, ANSWER_TYPES, TRAILING_OPTION_LABEL_RE, Example
+from lada.data.records import ANSWER_MARKER, ANSWER_TYPES, LEADING_OPTION_LABEL_RE, TRAILING_OPTION_LABEL_RE, Example
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +285,9 @@ def _check_text(value: str, name: str) -> None:
         raise _Bad(name, f"invalid unicode (a lone surrogate at character {e.start})") from None
 
 
-_LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)")
-
-
 def _label(opt: str) -> tuple[str, str] | None:
     """(letter, text) of a labelled option, ``A) text``, ``(A) text`` or ``text (A)``; None if bare."""
-    m = _LABEL_RE.match(opt)
+    m = LEADING_OPTION_LABEL_RE.match(opt)
     if m:
         return m.group(1), opt[m.end():].strip()
     m = TRAILING_OPTION_LABEL_RE.search(opt)

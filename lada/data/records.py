@@ -32,6 +32,8 @@ CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\(([A-Z])\)\s*$")
 COMPARE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([<>])\s*(-?\d+(?:\.\d+)?)\s*$")
 # The yes/no task's question ending, holding the threshold the comparison line must use.
 COMPARE_QUESTION_RE = re.compile(r"\bIs the answer more than (-?\d+(?:\.\d+)?)\?\s*$")
+# An option labelled before its text, "A) 4" or "(A) 4" (AQuA's style).
+LEADING_OPTION_LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)\s*")
 # An option labelled after its text, "4 (A)": how the synthetic choice task lists its
 # options (value first). Letter-first labels ("A) 4", AQuA's style) are the other kind.
 TRAILING_OPTION_LABEL_RE = re.compile(r"\s\(([A-Z])\)\s*$")
