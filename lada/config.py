@@ -113,7 +113,7 @@ class DataConfig:
     # users ask general questions too, and there the LLM's long chains have something to teach.
     client_test_general_share: float = 0.0
     # Synthetic task (docs/testbed.md): "arith" (number answers), "yesno" (the same chains
-    # asked "is the answer more than N?", answer type "yesno": task 2 of the evidence) or
+    # asked "is the answer even?", answer type "yesno": task 2 of the evidence) or
     # "choice" (the same chains as five-option multiple choice, answer type "option").
     task: str = "arith"
 

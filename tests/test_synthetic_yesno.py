@@ -1,10 +1,9 @@
-"""Task 2 ([data] task = "yesno"): the arithmetic chains asked "... Is the answer more than
-N?". Determinism, a threshold that gives no hint, checkable comparison lines, disjoint
-federations, the loader, sampled paths, config."""
+"""Task 2 ([data] task = "yesno"): the arithmetic chains asked "... Is the answer even?".
+Determinism, balance, checkable parity lines, disjoint federations, the loader, sampled
+paths, config."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import re
@@ -15,9 +14,9 @@ import pytest
 from lada.config import DataConfig, load_config
 from lada.data.answers import check_steps, final_step, is_correct, verify_path
 from lada.data.loaders import load_jsonl
-from lada.data.records import compare_threshold, example_prompt, example_target
+from lada.data.records import PARITY_QUESTION, asks_parity, example_prompt, example_target
 from lada.data.split import data_fingerprint
-from lada.data.synthetic import YESNO_NEAR, base_question, build_synthetic, generate, tokenizer_corpus
+from lada.data.synthetic import base_question, build_synthetic, generate, tokenizer_corpus
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = dict(seed=0, train_per_client=40, test_per_client=20, public_size=30, server_test_size=20,
@@ -25,89 +24,78 @@ SMALL = dict(seed=0, train_per_client=40, test_per_client=20, public_size=30, se
 
 
 @pytest.mark.parametrize("domain", ["general", "farm", "gen1"])
-def test_yesno_problems_are_the_arith_chains_with_a_comparison(domain):
+def test_yesno_problems_are_the_arith_chains_with_a_parity_line(domain):
     a, b = generate(domain, 80, seed=3, task="yesno"), generate(domain, 80, seed=3, task="yesno")
     assert a == b and a != generate(domain, 80, seed=4, task="yesno")
     for ex, base in zip(a, generate(domain, 80, seed=3)):
-        t = int(compare_threshold(ex.question))
         value = int(base.answer)
         assert ex.id == base.id.replace("syn-", "syn-yesno-", 1) and ex.answer_type == "yesno"
-        assert ex.question == f"{base.question} Is the answer more than {t}?" and base_question(ex.question) == base.question
-        assert 1 <= abs(t - value) <= YESNO_NEAR and t >= 0 and ex.answer == ("yes" if value > t else "no")
-        assert ex.rationale == f"{base.rationale}\n{value} {'>' if value > t else '<'} {t}"
-        assert ex.num_steps == base.num_steps  # the comparison line is not a reasoning step
+        assert ex.question == f"{base.question} {PARITY_QUESTION}" and base_question(ex.question) == base.question
+        assert asks_parity(ex.question) and not asks_parity(base.question)
+        assert ex.answer == ("yes" if value % 2 == 0 else "no")
+        assert ex.rationale == f"{base.rationale}\n{value} is {'even' if value % 2 == 0 else 'odd'}"
+        assert ex.num_steps == base.num_steps  # the parity line is not a reasoning step
         assert verify_path(example_target(ex), ex)
-        assert check_steps(example_target(ex), threshold=str(t)).compare == ex.answer
+        assert check_steps(example_target(ex), parity=True).parity == ex.answer
 
 
 @pytest.mark.parametrize("domain", ["general", "shop"])
-def test_the_threshold_alone_does_not_tell_the_answer(domain):
-    # the best rule that reads only the threshold (majority answer per threshold, fitted on
-    # one sample) scores about a coin flip on fresh problems; drawn naively it scored 57%
-    fit, fresh = generate(domain, 8000, seed=0, task="yesno"), generate(domain, 3000, seed=1, task="yesno")
-    by_t: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for ex in fit:
-        by_t[compare_threshold(ex.question)][ex.answer] += 1
-    rule = {t: c.most_common(1)[0][0] for t, c in by_t.items()}
-    guessed = sum(rule.get(compare_threshold(ex.question), "no") == ex.answer for ex in fresh) / len(fresh)
-    yes = sum(ex.answer == "yes" for ex in fresh) / len(fresh)
-    assert 0.46 < yes < 0.54 and guessed < 0.55, (yes, guessed)
+def test_yes_and_no_are_about_balanced(domain):
+    exs = generate(domain, 3000, seed=0, task="yesno")
+    assert 0.45 < sum(ex.answer == "yes" for ex in exs) / len(exs) < 0.6
 
 
 EX = next(ex for ex in generate("shop", 20, seed=0, task="yesno") if ex.num_steps >= 2)
-T = compare_threshold(EX.question)
 
 
-def _path(compare: str | None = None, answer: str | None = None, steps: list[str] | None = None) -> str:
-    """The gold path with its comparison line (``""``: none), answer or steps replaced."""
+def _path(link: str | None = None, answer: str | None = None, steps: list[str] | None = None) -> str:
+    """The gold path with its parity line (``""``: none), answer or steps replaced."""
     lines = EX.rationale.splitlines()
-    compare = lines[-1] if compare is None else compare
-    return "\n".join([*(steps or lines[:-1]), *([compare] if compare else []), f"#### {answer or EX.answer}"])
+    link = lines[-1] if link is None else link
+    return "\n".join([*(steps or lines[:-1]), *([link] if link else []), f"#### {answer or EX.answer}"])
 
 
 def test_yesno_paths_good_and_every_kind_of_wrong():
     lines = EX.rationale.splitlines()
-    value = int(re.match(r"\d+", lines[-1]).group())
+    value = int(lines[-1].split()[0])
     other = "no" if EX.answer == "yes" else "yes"
     good = _path()
-    assert verify_path(good, EX) and check_steps(good, threshold=T).n_checked == EX.num_steps + 1
-    # the answer line contradicts the (right) comparison
+    assert verify_path(good, EX) and check_steps(good, parity=True).n_checked == EX.num_steps + 1
+    # the answer line contradicts the (right) parity line
     said_other = _path(answer=other)
     assert not verify_path(said_other, EX)
-    assert check_steps(said_other, threshold=T).first_wrong_line == EX.num_steps + 1
-    # a false comparison, answered consistently
-    flipped = f"{value} {'<' if EX.answer == 'yes' else '>'} {T}"
-    assert not check_steps(_path(flipped, other), threshold=T).all_ok
-    # a true comparison with a miscopied threshold and the right answer
-    miscopied = f"{value} > {value - 1}" if EX.answer == "yes" else f"{value} < {value + 1}"
-    if str(value - 1 if EX.answer == "yes" else value + 1) != T:
-        assert is_correct(_path(miscopied), EX.answer, "yesno") and not verify_path(_path(miscopied), EX)
-    # no comparison line: the right word alone is not a verified path
+    assert check_steps(said_other, parity=True).first_wrong_line == EX.num_steps + 1
+    # a false parity line, answered consistently
+    false = f"{value} is {'odd' if EX.answer == 'yes' else 'even'}"
+    assert not check_steps(_path(false, other), parity=True).all_ok
+    # a true parity line about another number, with the right answer
+    assert is_correct(_path(f"{value + 2} {lines[-1].split(' ', 1)[1]}"), EX.answer, "yesno")
+    assert not verify_path(_path(f"{value + 2} {lines[-1].split(' ', 1)[1]}"), EX)
+    # no parity line: the right word alone is not a verified path
     assert is_correct(_path(""), EX.answer, "yesno") and not verify_path(_path(""), EX)
     # a broken calculator note
     broken = [lines[0].replace(">>", "1>>", 1), *lines[1:-1]]
     assert not verify_path(_path(steps=broken), EX)
-    # a wrong chain whose comparison of its own (wrong) value happens to give the right word
+    # a wrong chain whose (wrong) value has the right parity, stated rightly
     last = lines[-2]
     v = int(last.rsplit(">>", 1)[1])
-    w = v + 1 if EX.answer == "yes" else v - 1
+    w = v + 2
     wrong_chain = [*lines[:-2], last.replace(f"={v}>>{v}", f"={w}>>{w}")]
-    cmp = f"{w} {'>' if w > int(T) else '<'} {T}"
-    assert not verify_path(_path(cmp, steps=wrong_chain), EX)
+    assert not verify_path(_path(f"{w} {lines[-1].split(' ', 1)[1]}", steps=wrong_chain), EX)
 
 
-def test_comparison_lines_are_unchecked_without_a_threshold():
-    text = "3+4=<<3+4=7>>7\n7 > 9\n#### yes"
+def test_parity_lines_are_unchecked_unless_the_question_asks():
+    text = "3+4=<<3+4=7>>7\n7 is even\n#### yes"
     plain = check_steps(text)
-    assert plain.all_ok and plain.n_steps == 1 and plain.n_checked == 1 and plain.compare is None
-    assert not check_steps(text, threshold="9").all_ok  # 7 > 9 is false
-    assert check_steps("3+4=<<3+4=7>>7\n7 > 5\n#### yes", threshold="5").all_ok
-    assert not check_steps("3+4=<<3+4=7>>7\n8 > 5\n#### yes", threshold="5").all_ok  # not the chain's value
-    # a number-answer path with a line that looks like a comparison is still read as before
-    assert check_steps("3+4=<<3+4=7>>7\n7 > 5\n#### 7").all_ok
+    assert plain.all_ok and plain.n_steps == 1 and plain.n_checked == 1 and plain.parity is None
+    assert not check_steps(text, parity=True).all_ok  # 7 is odd
+    assert check_steps("3+4=<<3+4=7>>7\n7 is odd\n#### no", parity=True).all_ok
+    assert not check_steps("3+4=<<3+4=7>>7\n9 is odd\n#### no", parity=True).all_ok  # not the chain's value
+    # a number-answer path with a line that looks like a parity line is read as before
+    assert check_steps("3+4=<<3+4=7>>7\n7 is odd\n#### 7").all_ok
 
 
-def test_final_step_on_yesno_separates_the_chain_from_the_comparison():
+def test_final_step_on_yesno_separates_the_chain_from_the_parity():
     lines = EX.rationale.splitlines()
     other = "no" if EX.answer == "yes" else "yes"
     outputs = [example_target(EX), "\n".join([*lines[:-1], f"#### {other}"]), f"#### {EX.answer}"]
@@ -120,8 +108,6 @@ def test_yesno_federation_keeps_every_problem_once():
     fed, base = build_synthetic(cfg, 0), build_synthetic(DataConfig(**SMALL), 0)
     fed.check_disjoint()
     sets = fed.named_sets()
-    assert [ex.question for ex in build_synthetic(DataConfig(**SMALL, task="yesno"), 0).public] != \
-        [ex.question for ex in base.public]
     # the extra draws exclude the pools' problems by their arithmetic question, not the asked one
     bases = [base_question(ex.question) for xs in sets.values() for ex in xs]
     assert len(bases) == len(set(bases))
@@ -141,12 +127,12 @@ def test_yesno_examples_round_trip_through_the_jsonl_loader(tmp_path):
 
 def test_tokenizer_corpus_and_configs_cover_the_yesno_task():
     text = "\n".join(tokenizer_corpus(DataConfig(**SMALL, task="yesno"), 0))
-    assert re.search(r"Is the answer more than \d+\?\nAnswer:", text) and re.search(r"\n\d+ [<>] \d+\n#### (yes|no)", text)
+    assert re.search(r"Is the answer even\?\nAnswer:", text) and re.search(r"\n\d+ is (even|odd)\n#### (yes|no)", text)
     assert data_fingerprint(DataConfig(seed=0, task="yesno"), 0) != data_fingerprint(DataConfig(seed=0, task="choice"), 0)
     assert load_config(CONFIGS / "task2.toml").data.task == "yesno"
 
 
-def test_paths_sampled_from_a_model_are_verified_by_their_comparison_lines(tmp_path):
+def test_paths_sampled_from_a_model_are_verified_by_their_parity_lines(tmp_path):
     # a d32 model memorises four yes/no problems; its sampled paths go through the cot
     # host's sampler and verifier (lada.protocol.paths) like any run's
     import torch
@@ -170,7 +156,7 @@ def test_paths_sampled_from_a_model_are_verified_by_their_comparison_lines(tmp_p
         ex = by_id[c.question_id]
         assert c.verified == verify_path(c.text, ex) and c.steps == check_steps(c.text).n_steps
         if c.verified:
-            assert check_steps(c.text, threshold=compare_threshold(ex.question)).compare == ex.answer
-            # the same path asked about another threshold: its comparison no longer holds
-            moved = dataclasses.replace(ex, question=base_question(ex.question) + " Is the answer more than 200?")
-            assert not verify_path(c.text, moved)
+            assert check_steps(c.text, parity=True).parity == ex.answer
+            # the same path for the opposite gold answer: its parity line no longer agrees
+            flipped = dataclasses.replace(ex, answer="no" if ex.answer == "yes" else "yes")
+            assert not verify_path(c.text, flipped)

@@ -22,9 +22,8 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from lada.data.records import (ANSWER_MARKER, CHOICE_LINE_RE, COMPARE_LINE_RE, LEADING_OPTION_LABEL_RE,
-                               TRAILING_OPTION_LABEL_RE, Example,
-                               compare_threshold, is_link_line)
+from lada.data.records import (ANSWER_MARKER, CHOICE_LINE_RE, LEADING_OPTION_LABEL_RE, PARITY_LINE_RE,
+                               TRAILING_OPTION_LABEL_RE, Example, asks_parity, is_link_line)
 
 # ----------------------------------------------------------------------------- numbers
 
@@ -412,11 +411,11 @@ def _visible_result_ok(after_note: str, value_text: str) -> bool:
 class StepCheck:
     """Result of checking every calculator note in a reasoning path.
 
-    ``n_steps``: non-empty lines before the answer line, choice and comparison lines not
-    counted; ``n_checked``: notes (and, with options, choice lines; comparison lines)
-    found; ``first_wrong_line``: 1-based line number in the text of the first wrong one;
-    ``choice``: the letter of the last checked choice line, if any; ``compare``: the answer
-    (``"yes"``/``"no"``) the last comparison line implies, if any; ``last_result``: the
+    ``n_steps``: non-empty lines before the answer line, choice and parity lines not
+    counted; ``n_checked``: notes (and checked choice and parity lines) found;
+    ``first_wrong_line``: 1-based line number in the text of the first wrong one;
+    ``choice``: the letter of the last checked choice line, if any; ``parity``: the answer
+    (``"yes"``/``"no"``) the last checked parity line implies, if any; ``last_result``: the
     value of the last right note before the answer line (where the chain ended), if any.
     """
 
@@ -427,7 +426,7 @@ class StepCheck:
     first_wrong_line: int | None
     choice: str | None = None
     last_result: str | None = None
-    compare: str | None = None
+    parity: str | None = None
 
 
 def _choice_ok(value: str, letter: str, options: tuple[str, ...] | list[str], last_result: str | None) -> bool:
@@ -442,21 +441,15 @@ def _choice_ok(value: str, letter: str, options: tuple[str, ...] | list[str], la
     return last_result is None or numbers_equal(value, last_result)
 
 
-def _compare_ok(m: re.Match, last_result: str | None, threshold: str) -> bool:
-    """A comparison line ``<value> > <t>`` / ``<value> < <t>`` is right when it is true, its
-    value is the last calculator note's result (if any) and ``t`` is the question's threshold."""
-    left, right = canonical_number(m.group(1)), canonical_number(m.group(3))
-    if left is None or right is None:
+def _parity_ok(m: re.Match, last_result: str | None) -> bool:
+    """A parity line ``<value> is even|odd`` is right when it is true and its value is the
+    last calculator note's result (if any)."""
+    if (int(m.group(1)) % 2 == 0) != (m.group(2) == "even"):
         return False
-    a, b = Decimal(left), Decimal(right)
-    if not (a > b if m.group(2) == ">" else a < b):
-        return False
-    if last_result is not None and not numbers_equal(left, last_result):
-        return False
-    return numbers_equal(right, threshold)
+    return last_result is None or numbers_equal(m.group(1), last_result)
 
 
-def check_steps(text: str, options: tuple[str, ...] | list[str] = (), threshold: str | None = None) -> StepCheck:
+def check_steps(text: str, options: tuple[str, ...] | list[str] = (), parity: bool = False) -> StepCheck:
     """Check every ``<<expr=value>>`` note before the (last) answer line.
 
     A note is wrong if its expression does not evaluate to its value, if it cannot be
@@ -464,10 +457,10 @@ def check_steps(text: str, options: tuple[str, ...] | list[str] = (), threshold:
     is never closed on its line (a truncated note). With the question's ``options``, a
     choice line (``10 (B)``) is checked too: option B must be 10, 10 must be the
     last note's result, and the answer line must name the same option as the last choice
-    line (a mismatch counts against that line). With the question's ``threshold`` (the
-    yes/no task), a comparison line (``12 < 15``) is checked too: it must be true, compare
-    the last note's result with the threshold, and the answer line must say what it
-    implies (yes for ``>``). Unchecked choice and comparison lines are not steps either.
+    line (a mismatch counts against that line). With ``parity`` (the question asks whether
+    the answer is even: the yes/no task), a parity line (``12 is even``) is checked too: it
+    must be true, name the last note's result, and the answer line must say what it implies
+    (yes for even). Unchecked choice and parity lines are not steps either.
     """
     if not isinstance(text, str):
         return StepCheck(0, 0, 0, True, None)
@@ -478,23 +471,23 @@ def check_steps(text: str, options: tuple[str, ...] | list[str] = (), threshold:
     first_wrong: int | None = None
     last_result: str | None = None  # canonical value of the last well-formed note so far
     choice: tuple[int, str] | None = None  # (line index, letter) of the last choice line
-    compare: tuple[int, str] | None = None  # (line index, "yes"/"no") of the last comparison line
+    even: tuple[int, str] | None = None  # (line index, "yes"/"no") of the last parity line
     for i, line in enumerate(lines[:end]):
         if ANSWER_MARKER in line or not line.strip():
             continue
         wrong = 0
         m_choice = CHOICE_LINE_RE.match(line)
-        m_compare = COMPARE_LINE_RE.match(line)
+        m_parity = PARITY_LINE_RE.match(line)
         if m_choice and options:
             n_checked += 1
             value = canonical_number(m_choice.group(1)) or ""
             wrong += not _choice_ok(value, m_choice.group(2), options, last_result)
             choice = (i, m_choice.group(2))
-        elif m_compare and threshold is not None:
+        elif m_parity and parity:
             n_checked += 1
-            wrong += not _compare_ok(m_compare, last_result, threshold)
-            compare = (i, "yes" if m_compare.group(2) == ">" else "no")
-        elif not (m_choice or m_compare):
+            wrong += not _parity_ok(m_parity, last_result)
+            even = (i, "yes" if m_parity.group(2) == "even" else "no")
+        elif not (m_choice or m_parity):
             n_steps += 1
         for m in _NOTE_RE.finditer(line):
             n_checked += 1
@@ -509,23 +502,23 @@ def check_steps(text: str, options: tuple[str, ...] | list[str] = (), threshold:
         if wrong and first_wrong is None:
             first_wrong = i + 1
         n_wrong += wrong
-    # the answer line must say what the last link line (choice or comparison) says
+    # the answer line must say what the last link line (choice or parity) says
     for link, said in ((choice, lambda: extract_answer(text, "option", options)),
-                       (compare, lambda: extract_answer(text, "yesno"))):
+                       (even, lambda: extract_answer(text, "yesno"))):
         if link is not None and marker_lines and said() != link[1]:
             n_wrong += 1
             first_wrong = link[0] + 1 if first_wrong is None else min(first_wrong, link[0] + 1)
     return StepCheck(n_steps, n_checked, n_wrong, n_wrong == 0, first_wrong, choice[1] if choice else None,
-                     last_result, compare[1] if compare else None)
+                     last_result, even[1] if even else None)
 
 
 def final_step(outputs: list[str], examples: list[Example]) -> tuple[int, int, int]:
     """Where a linked answer goes wrong, for questions whose gold rationale ends on a
-    choice or comparison line (the synthetic choice and yes/no tasks): ``(n, chain_right,
+    choice or parity line (the synthetic choice and yes/no tasks): ``(n, chain_right,
     answer_right)``, with ``chain_right`` the outputs whose last right note reached the gold
     chain's result, and ``answer_right`` those of them that also give the gold answer. A
     model that reasons well but cannot turn its value into the answer (find it among the
-    options, compare it) shows a high first rate and a low second one. Other questions are
+    options, say whether it is even) shows a high first rate and a low second one. Other questions are
     left out of ``n``."""
     n = chain_right = answer_right = 0
     for text, ex in zip(outputs, examples):
@@ -544,14 +537,14 @@ def final_step(outputs: list[str], examples: list[Example]) -> tuple[int, int, i
 def verify_path(text: str, example: Example) -> bool:
     """A reasoning path is verified when its answer is right and every calculator step is
     right. When the gold rationale ends on a choice line (the synthetic choice task) or a
-    comparison line (the yes/no task), the path must state that line too, rightly, so a
+    parity line (the yes/no task), the path must state that line too, rightly, so a
     right answer after a wrong chain is not verified."""
     if not is_correct(text, example.answer, example.answer_type, example.options):
         return False
-    steps = check_steps(text, example.options, compare_threshold(example.question))
+    steps = check_steps(text, example.options, asks_parity(example.question))
     if not steps.all_ok:
         return False
     gold = example.rationale.splitlines()
     if example.options and any(CHOICE_LINE_RE.match(line) for line in gold) and steps.choice is None:
         return False
-    return steps.compare is not None or not any(COMPARE_LINE_RE.match(line) for line in gold)
+    return steps.parity is not None or not any(PARITY_LINE_RE.match(line) for line in gold)

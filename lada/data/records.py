@@ -24,14 +24,12 @@ ANSWER_MARKER = "####"
 # calculator steps to the answer letter (lada.data.answers.check_steps checks it); it is
 # not a reasoning step of its own.
 CHOICE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\(([A-Z])\)\s*$")
-# A comparison line, "<value> > <threshold>" or "<value> < <threshold>": the last rationale
-# line of the synthetic yes/no task (docs/testbed.md), comparing the chain's result with the
-# number its question asks about ("... Is the answer more than 15?"); the answer is yes for
-# ">" and no for "<". Like a choice line, it links the steps to the answer and is checked
-# (lada.data.answers.check_steps), and is not a reasoning step of its own.
-COMPARE_LINE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([<>])\s*(-?\d+(?:\.\d+)?)\s*$")
-# The yes/no task's question ending, holding the threshold the comparison line must use.
-COMPARE_QUESTION_RE = re.compile(r"\bIs the answer more than (-?\d+(?:\.\d+)?)\?\s*$")
+# A parity line, "<value> is even" or "<value> is odd": the last rationale line of the
+# synthetic yes/no task (docs/testbed.md), whose questions end "... Is the answer even?";
+# the answer is yes for even. Like a choice line, it links the steps to the answer and is
+# checked (lada.data.answers.check_steps), and is not a reasoning step of its own.
+PARITY_LINE_RE = re.compile(r"^\s*(-?\d+)\s+is\s+(even|odd)\s*$")
+PARITY_QUESTION = "Is the answer even?"  # how the yes/no task's questions end
 # An option labelled before its text, "A) 4" or "(A) 4" (AQuA's style).
 LEADING_OPTION_LABEL_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)\s*")
 # An option labelled after its text, "4 (A)": how the synthetic choice task lists its
@@ -40,15 +38,14 @@ TRAILING_OPTION_LABEL_RE = re.compile(r"\s\(([A-Z])\)\s*$")
 
 
 def is_link_line(line: str) -> bool:
-    """A choice or comparison line: it links the calculator steps to the answer, it is
+    """A choice or parity line: it links the calculator steps to the answer, it is
     not a reasoning step (step counts leave it out)."""
-    return bool(CHOICE_LINE_RE.match(line) or COMPARE_LINE_RE.match(line))
+    return bool(CHOICE_LINE_RE.match(line) or PARITY_LINE_RE.match(line))
 
 
-def compare_threshold(question: str) -> str | None:
-    """The number a yes/no task question compares its answer with, if it is one."""
-    m = COMPARE_QUESTION_RE.search(question)
-    return m.group(1) if m else None
+def asks_parity(question: str) -> bool:
+    """Whether a question is the yes/no task's ("... Is the answer even?")."""
+    return question.rstrip().endswith(PARITY_QUESTION)
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,19 @@ Domains
 Everything is deterministic by seed (``random.Random`` seeded from a string).
 
 ``[data] task = "yesno"`` asks the same problems as yes/no questions ("... Is the answer
-more than 15?"; the "task 2" part below), ``"choice"`` as five-option multiple choice;
-the default ``"arith"`` is the number-answer task.
+even?"; the "task 2" part below), ``"choice"`` as five-option multiple choice; the
+default ``"arith"`` is the number-answer task.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import random
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from lada.data.records import COMPARE_QUESTION_RE, Example, example_prompt, example_target
+from lada.data.records import PARITY_QUESTION, Example, example_prompt, example_target
 
 if TYPE_CHECKING:  # imported lazily at runtime: partition.py sits beside this module
     from lada.config import DataConfig
@@ -392,85 +391,44 @@ def example_id(task: str, domain: str, seed: int, suffix: str) -> str:
 
 # ----------------------------------------------------------------------------- task 2: yes/no
 # The second embedded task, ``[data] task = "yesno"``: the arithmetic chains above asked
-# as yes/no questions (answer type ``yesno``). The question adds one sentence asking about
-# a threshold, and the rationale one comparison line that links the chain to the answer::
+# as yes/no questions (answer type ``yesno``). The question adds one sentence, "Is the answer
+# even?", and the rationale one parity line that links the chain to the answer::
 #
-#     Question: Vic has 9 coins at the shop. Vic earns 2 coins. Vic buys a vase. How many coins does Vic have now? Is the answer more than 5?
+#     Question: Vic has 9 coins at the shop. Vic earns 2 coins. Vic buys a vase. How many coins does Vic have now? Is the answer even?
 #     Answer:
 #     9+2=<<9+2=11>>11
 #     11-8=<<11-8=3>>3
-#     3 < 5
+#     3 is odd
 #     #### no
 #
-# The comparison is local: copy the threshold that follows "more than", compare two numbers
-# digit by digit. A client-size tiny model learns that alone in 1,500 steps (95% right),
-# where it cannot learn to find a value among listed options (the choice task below, at
-# chance; docs/testbed.md, "Task 2").
+# The last step is local: the parity of the number just written. Models of the clients'
+# size learn it at once (a right chain gives the right answer in every case measured),
+# where they did not learn to compare the result with a threshold copied from the question
+# (62-65% right after a right chain) nor to find it among listed options (the choice task
+# below; docs/testbed.md, "Task 2").
 #
-# Every line is checkable (``lada.data.answers.check_steps`` with the question's threshold):
-# the notes as before, and the comparison line must be true, compare the last note's result
-# with the threshold, and agree with the answer line. So a path is verified only if its chain
-# reaches the right value; a right yes/no after a wrong chain is not.
-#
-# The threshold is the answer plus or minus 1..``YESNO_NEAR``, and carries no hint: drawn as is,
-# small thresholds would mostly mean yes ("more than 0" always does) and any threshold would
-# lean towards no (small answers are the common ones), so a model could beat 50% from the
-# threshold alone (57% on general problems). So each draw (side, distance) is kept with a
-# probability that makes yes and no equally likely at every threshold, given the domain's
-# answer frequencies in a fixed reference sample (``_acceptance``; a test measures the
-# threshold-only guess on fresh problems). Deterministic by the example's id.
+# Every line is checkable (``lada.data.answers.check_steps`` with ``parity=True``): the notes
+# as before, and the parity line must be true, name the last note's result, and agree with
+# the answer line. So a path is verified only if its chain reaches the right value; a right
+# yes after a wrong chain is not. A wrong chain's value has the right parity about half the
+# time (52% of the choice task's mistake values), so a guess or a wrong chain scores about 50%.
+# About 52-55% of answers are yes (even), depending on the domain.
 
 YESNO_TASK = "yesno"
-YESNO_NEAR = 5  # the threshold is within this distance of the answer
-_ACCEPTANCE: dict[str, dict[tuple[int, bool], float]] = {}
 
 
 def base_question(question: str) -> str:
     """The arithmetic question a yes/no (or any) task question was made from."""
-    return COMPARE_QUESTION_RE.sub("", question).rstrip()
-
-
-def _acceptance(domain: str) -> dict[tuple[int, bool], float]:
-    """(threshold, yes) -> the probability of keeping that draw, so that over the domain's
-    answers P(yes | threshold) = 1/2. A draw's keep rate ``min(1, other/mine)`` balances the
-    mass of answers that reach a threshold from each side; each answer's own rejections
-    reweight it (by 1 / its keep rate), so the masses are recomputed until they settle."""
-    if domain in _ACCEPTANCE:
-        return _ACCEPTANCE[domain]
-    counts = collections.Counter(int(ex.answer) for ex in generate(domain, 4000, seed=-1))  # reference sample
-    draws = {a: [(a - u if yes else a + u, yes) for yes in (True, False) for u in range(1, YESNO_NEAR + 1)]
-             for a in counts}
-    weight = {a: float(c) for a, c in counts.items()}
-    for _ in range(30):  # fixed-point iteration: balanced to <0.1% in 10-20 rounds
-        mass = collections.Counter()  # (t, yes) -> weight of answers whose draw lands there
-        for a, ds in draws.items():
-            for d in ds:
-                mass[d] += weight[a]
-        keep = {(t, y): 0.0 if t < 0 else min(1.0, mass[(t, not y)] / mass[(t, y)]) for (t, y) in mass}
-        weight = {a: c * len(draws[a]) / max(sum(keep[d] for d in draws[a]), 1e-9) for a, c in counts.items()}
-    _ACCEPTANCE[domain] = keep
-    return keep
-
-
-def _draw_threshold(answer: int, keep: dict[tuple[int, bool], float], rng: random.Random) -> tuple[int, bool]:
-    """(threshold, answer is yes): a side and a distance drawn uniformly, kept with ``keep``'s
-    probability (answers outside the reference sample take any draw with a threshold >= 0)."""
-    for _ in range(10_000):
-        yes = rng.random() < 0.5
-        t = answer - rng.randint(1, YESNO_NEAR) if yes else answer + rng.randint(1, YESNO_NEAR)
-        if t >= 0 and rng.random() < keep.get((t, yes), 1.0):
-            return t, yes
-    raise ValueError(f"no yes/no threshold for answer {answer}")  # unreachable for answers in bounds
+    return question.rstrip().removesuffix(PARITY_QUESTION).rstrip()
 
 
 def to_yesno(ex: Example) -> Example:
-    """The yes/no-task version of a synthetic arithmetic example (deterministic by its id)."""
-    new_id = task_id(YESNO_TASK, ex.id)
+    """The yes/no-task version of a synthetic arithmetic example."""
     answer = int(ex.answer)
-    t, yes = _draw_threshold(answer, _acceptance(ex.domain), random.Random(f"lada-synthetic/{YESNO_TASK}/{new_id}"))
-    return dataclasses.replace(ex, id=new_id, question=f"{ex.question} Is the answer more than {t}?",
-                               rationale=f"{ex.rationale}\n{answer} {'>' if yes else '<'} {t}",
-                               answer="yes" if yes else "no", answer_type="yesno")
+    even = answer % 2 == 0
+    return dataclasses.replace(ex, id=task_id(YESNO_TASK, ex.id), question=f"{ex.question} {PARITY_QUESTION}",
+                               rationale=f"{ex.rationale}\n{answer} is {'even' if even else 'odd'}",
+                               answer="yes" if even else "no", answer_type="yesno")
 
 
 # ----------------------------------------------------------------------------- task 2: multiple choice
