@@ -4,6 +4,7 @@ multiple choice. Determinism, checkable choice lines, ids and disjointness, conf
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from lada.data.records import example_prompt, example_target
 from lada.data.split import data_fingerprint
 from lada.data.synthetic import TASKS, build_synthetic, generate, tokenizer_corpus
 from lada.data.synthetic import CHOICE_LETTERS as LETTERS
+
+from helpers import sampled_task_paths
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = dict(seed=0, train_per_client=40, test_per_client=20, public_size=30, server_test_size=20,
@@ -177,29 +180,8 @@ def test_task_config_default_and_errors(tmp_path):
 
 
 def test_paths_sampled_from_a_model_are_verified_by_their_choice_lines(tmp_path):
-    # a d32 model memorises four choice problems; its sampled paths go through the cot
-    # host's sampler and verifier (lada.protocol.paths) like any run's
-    import dataclasses
-
-    import torch
-
-    from lada.models.loading import build_model
-    from lada.models.training import train_steps
-    from lada.protocol.paths import sample_paths_verified
-
-    torch.manual_seed(0)
-    cfg = load_config(CONFIGS / "tiny-test.toml", ['data.task="choice"', "generation.temperature=0.2"])
-    exs = generate("general", 4, seed=0, max_steps=2, task="choice")
-    pairs = [(example_prompt(ex), example_target(ex)) for ex in exs]
-    corpus = [p + t for p, t in pairs] * 3 + tokenizer_corpus(DataConfig(**SMALL, task="choice"), 0)[:40]
-    lm = build_model(dataclasses.replace(cfg.server, hidden_size=32, num_layers=2, vocab_size=300), corpus, 0,
-                     tmp_path)
-    train_steps(lm, pairs, 150, dataclasses.replace(cfg.train, lr=1e-2, batch_size=4), seed=0, progress=False)
-    cands = sample_paths_verified(cfg, lm, exs, seed=0, keep_wrong=True)
-    by_id = {ex.id: ex for ex in exs}
-    assert sum(c.verified for c in cands) >= 2
-    for c in cands:
-        ex = by_id[c.question_id]
+    # the paths a memorising d32 model samples, verified like any run's (tests/helpers.py)
+    for c, ex in sampled_task_paths("choice", tmp_path):
         assert c.verified == verify_path(c.text, ex) and c.steps == check_steps(c.text).n_steps
         if c.verified:
             assert check_steps(c.text, ex.options).choice == ex.answer and c.steps == ex.num_steps
