@@ -518,8 +518,8 @@ def final_step(outputs: list[str], examples: list[Example]) -> tuple[int, int, i
     answer_right)``, with ``chain_right`` the outputs whose last right note reached the gold
     chain's result, and ``answer_right`` those of them that also give the gold answer. A
     model that reasons well but cannot turn its value into the answer (find it among the
-    options, say whether it is even) shows a high first rate and a low second one. Other questions are
-    left out of ``n``."""
+    options, say whether it is even) shows a high first rate and a low second one. Other
+    questions are left out of ``n``."""
     n = chain_right = answer_right = 0
     for text, ex in zip(outputs, examples):
         lines = [line for line in ex.rationale.splitlines() if line.strip()]
