@@ -265,7 +265,7 @@ def calibration_sets(cfg: RunConfig, fed: "FederatedData", n: int = 100) -> dict
 def evaluate_participant(cfg: RunConfig, path: Path, who: str, sets: dict[str, list[Example]]) -> dict[str, float]:
     """Accuracy on each calibration set; on the yes/no and choice tasks also, over all of them
     pooled, ``chain right`` (the chain reached the right value) and ``answer if chain right``
-    (and then the right answer followed: the comparison or option lookup; lada.data.answers.final_step)."""
+    (and then the right answer followed: the parity or option lookup; lada.data.answers.final_step)."""
     from lada.data.answers import final_step
     from lada.models.generation import evaluate
     from lada.models.loading import load_model
