@@ -156,3 +156,66 @@ def test_a_cell_missing_on_one_seed_does_not_pair_other_seeds_across():
     mean = summary["slm-mean"]
     assert mean["headroom"] == pytest.approx([0.1])  # seed 2 only: the one where every client has both
     assert mean["control"] == pytest.approx([0.3, 0.3]) and mean["treated"] == pytest.approx([0.35, 0.4])
+
+
+def _yesno(n: int, domain: str = "general"):
+    from lada.data.synthetic import generate
+    return generate(domain, n, seed=5, task="yesno")
+
+
+def _wrong_chain(ex) -> str:
+    """The gold path with its last note replaced by a right note that ends one off the
+    gold value (the parity line and the answer kept)."""
+    lines = example_target(ex).splitlines()
+    i = max(j for j, line in enumerate(lines) if "<<" in line)
+    gold = int(lines[i].rsplit(">>", 1)[1])
+    lines[i] = f"{gold}+1=<<{gold}+1={gold + 1}>>{gold + 1}"
+    return "\n".join(lines)
+
+
+def test_chain_right_counts_chains_not_answers():
+    from lada.data.answers import is_correct
+    from lada.data.synthetic import generate
+    exs = _yesno(6)
+    outputs = [example_target(ex) for ex in exs[:4]] + [_wrong_chain(ex) for ex in exs[4:]]
+    assert all(is_correct(o, ex.answer, ex.answer_type) for o, ex in zip(outputs, exs))  # every answer right...
+    assert pm._chain_right(outputs, exs) == pytest.approx(4 / 6)  # ...but two chains wrong
+    arith = generate("general", 3, seed=5)
+    assert pm._chain_right([example_target(ex) for ex in arith], arith) is None  # not a linked task
+
+
+def test_eval_reports_chains_per_part_on_a_linked_task(monkeypatch):
+    from lada.models import generation
+    general, farm = _yesno(4), _yesno(4, "farm")
+    examples = general + farm
+    outputs = [example_target(ex) for ex in general] + [_wrong_chain(ex) for ex in farm[:3]] + [example_target(farm[3])]
+    monkeypatch.setattr(generation, "evaluate", lambda lm, exs, cfg, progress=None: generation.EvalResult(
+        1.0, len(exs), [True] * len(exs), outputs, {}))
+    ctx = type("C", (), {"test_set": lambda self, who: examples, "cfg": RunConfig()})()
+    out = pm._eval(ctx, None, "server")
+    assert out["chain_right"] == pytest.approx(5 / 8) and out["domain_chain_right"] == pytest.approx(1 / 4)
+    assert out["by_domain"]["general"] == {"accuracy": 1.0, "n": 4, "chain_right": 1.0}
+    assert out["domain_accuracy"] == 1.0 and out["domain_n"] == 4
+
+
+def test_chain_table_only_on_linked_tasks():
+    def cell(acc, chain=None, dom=None):
+        c = {"accuracy": acc, "n": 100, **({"domain_accuracy": dom, "domain_n": 75} if dom is not None else {})}
+        if chain is not None:
+            c["chain_right"] = chain
+            if dom is not None:
+                c["domain_chain_right"] = chain / 2
+        return c
+    linked = {0: {"base-server": cell(0.4, 0.2, 0.1), "control-server": cell(0.4, 0.2, 0.1),
+                  "up-server": cell(0.5, 0.6, 0.5), "base-client0": cell(0.6, 0.3),
+                  "control-client0": cell(0.6, 0.2), "down-client0": cell(0.62, 0.5)}}
+    ctx = type("C", (), {"clients": [0]})()
+    summary, chains = pm.summarise(linked, ctx), pm.summarise(linked, ctx, "chain_right")
+    assert chains["client0"]["headroom"] == pytest.approx([0.3]) and chains["client0"]["headroom_clear"]
+    assert not summary["client0"]["headroom_clear"]  # +2 points of accuracy: noise
+    assert chains["server"]["headroom_domain"] == pytest.approx([0.2])
+    table = pm.format_tables(summary, "x.toml", [0], 2, chains)
+    assert "Chains right" in table and "| client0 | 100 | 30.0 | 20.0 | 50.0 | 30.0 (2se 12.8; clear) | - |" in table
+    plain = {0: {k: {kk: vv for kk, vv in v.items() if "chain" not in kk} for k, v in linked[0].items()}}
+    assert "Chains right" not in pm.format_tables(pm.summarise(plain, ctx), "x.toml", [0], 2,
+                                                  pm.summarise(plain, ctx, "chain_right"))

@@ -111,21 +111,43 @@ class Context:
         return list(self.views[who].test)
 
 
+def _chain_right(outputs: list[str], examples: list) -> float | None:
+    """On a linked task (the yes/no and choice tasks: an answer line that follows from the
+    chain's value), the share of outputs whose chain reached the gold value; None on
+    other tasks. A yes/no answer is right half the time after a wrong chain, so accuracy
+    moves by only half of what the chains gain: this shows the reasoning itself."""
+    from lada.data.answers import final_step
+
+    n, chain, _ = final_step(outputs, examples)
+    return chain / n if n else None
+
+
 def _eval(ctx: Context, lm, who: str) -> dict:
     from lada.models.generation import evaluate
 
     examples = ctx.test_set(who)
     res = evaluate(lm, examples, ctx.cfg.generation, progress=False)
     out = {"accuracy": res.accuracy, "n": res.n, "by_steps": {str(k): v for k, v in res.by_steps.items()}}
-    by_domain: dict[str, list[bool]] = {}
-    for ex, ok in zip(examples, res.correct):
-        by_domain.setdefault(ex.domain, []).append(bool(ok))
+    by_domain: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_domain.setdefault(ex.domain, []).append(i)
+
+    def part(idx: list[int]) -> dict:
+        r = {"accuracy": sum(res.correct[i] for i in idx) / len(idx), "n": len(idx)}
+        chain = _chain_right([res.outputs[i] for i in idx], [examples[i] for i in idx])
+        return r if chain is None else {**r, "chain_right": chain}
+
+    if (chain := _chain_right(res.outputs, examples)) is not None:
+        out["chain_right"] = chain
     if who == "server":  # the LLM's test set mixes general and every client domain
-        dom = [ok for d, oks in by_domain.items() if d != "general" for ok in oks]
-        out["domain_accuracy"] = sum(dom) / len(dom) if dom else float("nan")
+        dom = [i for d, idx in by_domain.items() if d != "general" for i in idx]
+        measured = part(dom) if dom else {"accuracy": float("nan")}
+        out["domain_accuracy"] = measured["accuracy"]
         out["domain_n"] = len(dom)
+        if "chain_right" in measured:
+            out["domain_chain_right"] = measured["chain_right"]
     if len(by_domain) > 1:  # a mixed test set (the LLM's; a client's with general_share)
-        out["by_domain"] = {d: {"accuracy": sum(v) / len(v), "n": len(v)} for d, v in sorted(by_domain.items())}
+        out["by_domain"] = {d: part(idx) for d, idx in sorted(by_domain.items())}
     return out
 
 
@@ -359,7 +381,8 @@ def _brief(result: dict) -> str:
     if "accuracy" in result:
         extra = f", domain {100 * result['domain_accuracy']:.1f}%" if "domain_accuracy" in result else ""
         steps = f", {result['train_steps']} steps" if "train_steps" in result else ""
-        return f"{100 * result['accuracy']:.1f}% of {result['n']}{extra}{steps}"
+        chain = f", chain right {100 * result['chain_right']:.1f}%" if "chain_right" in result else ""
+        return f"{100 * result['accuracy']:.1f}% of {result['n']}{extra}{chain}{steps}"
     return ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (list, dict)))
 
 
@@ -395,10 +418,12 @@ def measure(cfg_path: str | Path, out: str | Path, seeds: list[int], overrides: 
                 results[seed][f"paths-{who}"] = {"verified": len(cands), "by_steps": _count(cands, "steps"),
                                                  "by_domain": _count(cands, "domain")}
     summary = summarise(results, ctx)
+    chains = summarise(results, ctx, "chain_right")
     (out / "premises.json").write_text(json.dumps({"config": str(cfg_path), "overrides": overrides or [],
                                                    "seeds": seeds, "epochs": ctx.epochs if ctx else None,
-                                                   "summary": summary, "cells": results}, indent=1, sort_keys=True))
-    (out / "premises.md").write_text(format_tables(summary, str(cfg_path), seeds, ctx.epochs if ctx else 0))
+                                                   "summary": summary, "summary_chain_right": chains,
+                                                   "cells": results}, indent=1, sort_keys=True))
+    (out / "premises.md").write_text(format_tables(summary, str(cfg_path), seeds, ctx.epochs if ctx else 0, chains))
     return summary
 
 
@@ -411,8 +436,10 @@ def _count(paths: list[dict], key: str) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- summary
 
-def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
-    """Per participant: accuracies (mean over seeds), headroom with its noise, bounds."""
+def summarise(results: dict[int, dict[str, dict]], ctx: Context | None, metric: str = "accuracy") -> dict:
+    """Per participant: ``metric`` (mean over seeds), headroom with its noise, bounds.
+    ``metric`` is a cell's accuracy, or on a linked task its chain_right (``_chain_right``);
+    both are shares of the same n test problems, so the same binomial noise applies."""
     if ctx:
         clients = [f"client{k}" for k in ctx.clients]
     else:  # from the cells themselves (summaries of stored measurements)
@@ -423,29 +450,30 @@ def summarise(results: dict[int, dict[str, dict]], ctx: Context | None) -> dict:
         treated, control = _treated_control(who)
         row: dict[str, Any] = {}
         for label, cell in _row_cells(who, treated, control):
-            accs = [r[cell]["accuracy"] for r in results.values() if cell in r and "accuracy" in r[cell]]
+            accs = [r[cell][metric] for r in results.values() if cell in r and metric in r[cell]]
             if accs:
                 row[label] = accs
             if who == "server":
-                doms = [r[cell]["domain_accuracy"] for r in results.values() if cell in r and "domain_accuracy" in r[cell]]
+                doms = [r[cell][f"domain_{metric}"] for r in results.values()
+                        if cell in r and f"domain_{metric}" in r[cell]]
                 if doms:
                     row[f"{label}_domain"] = doms
         n = next((r[control]["n"] for r in results.values() if control in r), 0)
         row["n"] = n
-        _add_headroom(row, n, _paired(results, treated, control, lambda c: c.get("accuracy")))
+        _add_headroom(row, n, _paired(results, treated, control, lambda c: c.get(metric)))
         if who == "server" and row.get("treated_domain") and row.get("control_domain"):
             _add_headroom(row, next(r[control]["domain_n"] for r in results.values() if control in r),
-                          _paired(results, treated, control, lambda c: c.get("domain_accuracy")), "_domain")
+                          _paired(results, treated, control, lambda c: c.get(f"domain_{metric}")), "_domain")
         if who != "server":
-            row["parts"] = _parts(results, who, treated, control)
+            row["parts"] = _parts(results, who, treated, control, metric)
             for lo, hi in BUCKETS:
                 cell = f"learn-{who}-{lo}-{hi}"
-                accs = [r[cell]["accuracy"] for r in results.values() if cell in r and "accuracy" in r[cell]]
+                accs = [r[cell][metric] for r in results.values() if cell in r and metric in r[cell]]
                 if accs:
                     row[f"learn_{lo}-{hi}"] = accs
         out[who] = row
     if len(clients) > 1:
-        out["slm-mean"] = _slm_mean(results, out, clients)
+        out["slm-mean"] = _slm_mean(results, out, clients, metric)
     return out
 
 
@@ -478,21 +506,22 @@ def _add_headroom(row: dict, n: int, pairs: list[tuple[float, float]], suffix: s
         row[f"headroom{suffix}_clear"] = clearly_above(row[f"headroom{suffix}"], row[f"headroom{suffix}_se"])
 
 
-def _slm_mean(results: dict[int, dict[str, dict]], rows: dict[str, dict], clients: list[str]) -> dict:
+def _slm_mean(results: dict[int, dict[str, dict]], rows: dict[str, dict], clients: list[str],
+              metric: str = "accuracy") -> dict:
     """The clients' mean accuracy per seed (what the grid tables report as "SLM mean"),
     over the seeds on which every client has the cell; its headroom's standard error
     combines the clients' independent ones: sqrt(sum se^2) / K."""
     mean: dict[str, Any] = {"n": sum(rows[w].get("n", 0) for w in clients)}
     for label in ("warmup", "control", "treated", "central"):
         cells = [dict(_row_cells(w, *_treated_control(w)))[label] for w in clients]
-        per_seed = [[r[c]["accuracy"] for c in cells] for r in results.values()
-                    if all("accuracy" in r.get(c, {}) for c in cells)]
+        per_seed = [[r[c][metric] for c in cells] for r in results.values()
+                    if all(metric in r.get(c, {}) for c in cells)]
         if per_seed:
             mean[label] = [statistics.fmean(v) for v in per_seed]
     names = {w: _treated_control(w) for w in clients}
-    pairs = [[(r[t]["accuracy"], r[c]["accuracy"], rows[w]["n"]) for w, (t, c) in names.items()]
+    pairs = [[(r[t][metric], r[c][metric], rows[w]["n"]) for w, (t, c) in names.items()]
              for r in results.values()
-             if all("accuracy" in r.get(cell, {}) for t, c in names.values() for cell in (t, c))]
+             if all(metric in r.get(cell, {}) for t, c in names.values() for cell in (t, c))]
     if pairs:
         mean["headroom"] = [statistics.fmean(t for t, _, _ in seed) - statistics.fmean(c for _, c, _ in seed)
                             for seed in pairs]
@@ -502,20 +531,21 @@ def _slm_mean(results: dict[int, dict[str, dict]], rows: dict[str, dict], client
     return mean
 
 
-def _parts(results: dict[int, dict[str, dict]], who: str, treated: str, control: str) -> dict[str, dict]:
+def _parts(results: dict[int, dict[str, dict]], who: str, treated: str, control: str,
+           metric: str = "accuracy") -> dict[str, dict]:
     """Rows per domain of a mixed client test set (own domain and general problems)."""
     doms = sorted({d for r in results.values() if control in r for d in r[control].get("by_domain", {})})
     parts: dict[str, dict] = {}
     for d in doms:
         sub: dict[str, Any] = {}
         for label, cell in _row_cells(who, treated, control):
-            accs = [r[cell]["by_domain"][d]["accuracy"] for r in results.values()
-                    if d in r.get(cell, {}).get("by_domain", {})]
+            accs = [r[cell]["by_domain"][d][metric] for r in results.values()
+                    if metric in r.get(cell, {}).get("by_domain", {}).get(d, {})]
             if accs:
                 sub[label] = accs
         sub["n"] = next(r[control]["by_domain"][d]["n"] for r in results.values() if control in r)
         _add_headroom(sub, sub["n"], _paired(results, treated, control,
-                                             lambda c, d=d: c.get("by_domain", {}).get(d, {}).get("accuracy")))
+                                             lambda c, d=d: c.get("by_domain", {}).get(d, {}).get(metric)))
         parts[d] = sub
     return parts
 
@@ -536,12 +566,31 @@ def _head(row: dict, suffix: str = "") -> str:
     return f"{_pct(d).replace(' ± ', ' ± ')} (2se {200 * se:.1f}; {verdict})"
 
 
-def format_tables(summary: dict, config: str, seeds: list[int], epochs: float) -> str:
+def format_tables(summary: dict, config: str, seeds: list[int], epochs: float, chains: dict | None = None) -> str:
     lines = [f"Premises of `{config}`, seeds {seeds}; every training: {epochs:g} passes over its mix, "
              "control = the same steps on own data only. Accuracy (%) on the test sets the grid reports "
              "(mean ± std over seeds); headroom = treated - control, 2se = twice the binomial standard error "
-             "of that difference.", "",
-             "| participant | test n | warm-up | standalone (own data) | + transfer (oracle) | headroom | "
+             "of that difference.", "", *_participant_table(summary)]
+    if chains and any(k in row for row in chains.values() for k in ("warmup", "control", "treated")):
+        lines += ["", "Chains right (a linked task: the answer line follows from the chain's value): the share "
+                  "(%) of test outputs whose chain reached the gold value, on the same test sets, cells and noise "
+                  "rule. A yes/no answer is right half the time after a wrong chain, so accuracy moves by about "
+                  "half of what the chains gain.", "", *_participant_table(chains)]
+    clients = [w for w in summary if w not in ("server", "slm-mean")]
+    if any(any(k.startswith("learn_") for k in summary[w]) for w in clients):
+        head = [f"LLM paths of {lo}-{hi} steps" for lo, hi in BUCKETS]
+        lines += ["", "Learnability: client trained on the LLM's verified paths of one length bucket only, at an "
+                  "equal token budget per bucket; accuracy (%) on its test set.", "",
+                  "| participant | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for w in clients:
+            lines.append(f"| {w} | " + " | ".join(_pct(summary[w].get(f"learn_{lo}-{hi}")) for lo, hi in BUCKETS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _participant_table(summary: dict) -> list[str]:
+    """One row per participant (and per part of a mixed test set): warm-up, control,
+    treated, headroom with its verdict, centralised."""
+    lines = ["| participant | test n | warm-up | standalone (own data) | + transfer (oracle) | headroom | "
              "centralised (upper) |", "|---|---|---|---|---|---|---|"]
     for who, row in summary.items():
         name = {"server": "LLM (all domains)", "slm-mean": "SLM mean"}.get(who, who)
@@ -555,15 +604,7 @@ def format_tables(summary: dict, config: str, seeds: list[int], epochs: float) -
             lines.append(f"| LLM (client domains only) | - | {_pct(row.get('warmup_domain'))} | "
                          f"{_pct(row.get('control_domain'))} | {_pct(row.get('treated_domain'))} | "
                          f"{_head(row, '_domain')} | {_pct(row.get('central_domain'))} |")
-    clients = [w for w in summary if w not in ("server", "slm-mean")]
-    if any(any(k.startswith("learn_") for k in summary[w]) for w in clients):
-        head = [f"LLM paths of {lo}-{hi} steps" for lo, hi in BUCKETS]
-        lines += ["", "Learnability: client trained on the LLM's verified paths of one length bucket only, at an "
-                  "equal token budget per bucket; accuracy (%) on its test set.", "",
-                  "| participant | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-        for w in clients:
-            lines.append(f"| {w} | " + " | ".join(_pct(summary[w].get(f"learn_{lo}-{hi}")) for lo, hi in BUCKETS) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main_premises(config: str, out: str, seeds: list[int], overrides: list[str], epochs: float | None,
