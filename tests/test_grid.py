@@ -98,6 +98,17 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cot"]["slm_mean"] == pytest.approx([0.6, 0.7])
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "Chains right" not in table  # the arithmetic task has no linked answer
+
+
+def test_report_shows_chains_on_a_linked_task(tmp_path):
+    def linked(seed_shift: float) -> list[dict]:
+        return [{**r, "chain_right": 0.1 + seed_shift + 0.1 * (r["participant"] == "client-1")} for r in rows(seed_shift)]
+    results = {"cot": {0: linked(0.0), 1: linked(0.1)}, "standalone": {0: rows(0.0)}}
+    table = write_report(results, tmp_path, Path("configs/default.toml"), [0, 1]).read_text()
+    # SLM mean chains: (0.1 + 0.2) / 2 and (0.2 + 0.3) / 2 -> 20.0 ± 7.1; LLM 0.1 and 0.2 -> 15.0 ± 7.1
+    assert "| cot | 20.0 ± 7.1 | 15.0 ± 7.1 |" in table.split("Chains right")[1]
+    assert "| standalone |" not in table.split("Chains right")[1]  # no chains reported: no row
 
 
 def test_report_pairs_each_plugin_row_with_its_host_and_each_ablation_with_the_full_plugin(tmp_path):

@@ -85,17 +85,19 @@ def test_llm_evaluation_is_reused_only_while_the_weights_are_unchanged(monkeypat
 
     def fake_evaluate(lm, examples, gen_cfg):
         calls.append(1)
-        return types.SimpleNamespace(correct=[True, False, len(calls) > 1])
+        return types.SimpleNamespace(correct=[True, False, len(calls) > 1], chain_right=len(calls) / 10)
 
     monkeypatch.setattr(generation, "evaluate", fake_evaluate)
     net = torch.nn.Linear(2, 1)
     server = types.SimpleNamespace(state={"model_version": 0}, test_set=[1, 2, 3],
                                    model=lambda: types.SimpleNamespace(model=net))
     cfg = types.SimpleNamespace(generation=None)
-    assert driver._llm_correct(cfg, server) == ([True, False, False], False)
-    assert driver._llm_correct(cfg, server) == ([True, False, False], True)  # same weights: reused
+    assert driver._llm_correct(cfg, server) == ([True, False, False], False, 0.1)
+    assert driver._llm_correct(cfg, server) == ([True, False, False], True, 0.1)  # same weights: reused
     with torch.no_grad():
         net.weight.add_(0.5)  # changed in place, no new version
-    assert driver._llm_correct(cfg, server) == ([True, False, True], False)
+    assert driver._llm_correct(cfg, server) == ([True, False, True], False, 0.2)
     server.state["model_version"] = 1  # a save
     assert driver._llm_correct(cfg, server)[1] is False and len(calls) == 3
+    del server.state["llm_eval"]["chain_right"]  # the state of a run from before chains were counted
+    assert driver._llm_correct(cfg, server)[1:] == (False, 0.4)

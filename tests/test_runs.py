@@ -62,6 +62,9 @@ def test_lada_run_selects_and_moves_bytes_the_way_the_host_should(host, tmp_path
     clients = [r for r in r1 if r["participant"] != "llm"]
     llm = next(r for r in r1 if r["participant"] == "llm")
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in clients)
+    # a linked task (yes/no, choice) reports the share of chains that reached the gold value
+    linked = host.endswith(("-yesno", "-choice"))
+    assert all(("chain_right" in r) == linked and 0.0 <= r.get("chain_right", 0.0) <= 1.0 for r in rows)
     assert all(k in llm or all(k in r for r in clients) for k in ("lada_bytes_up", "lada_bytes_down"))
     if host.startswith("cot"):
         # the host's own exchange is paths (down, and up with upward = true): nothing rides beside it

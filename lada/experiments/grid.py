@@ -307,7 +307,7 @@ def run_centralised(cfg: RunConfig, premises: Path | None = None) -> Path:
         rows.append({"round": cfg.rounds, "participant": "llm" if who == "server" else f"client-{who[6:]}",
                      "accuracy": r["accuracy"], "n_test": r["n"], "train_steps": r["train_steps"],
                      "bytes_up": 0, "bytes_down": 0, "lada_bytes_up": 0, "lada_bytes_down": 0,
-                     "seconds": seconds,
+                     "seconds": seconds, **({"chain_right": r["chain_right"]} if "chain_right" in r else {}),
                      **{f"acc_{d}": v["accuracy"] for d, v in r.get("by_domain", {}).items()}})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "DONE").write_text("centralised upper bound\n")
@@ -377,6 +377,7 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
     """Final-round accuracies and per-round costs of one method, over seeds."""
     finals: dict[str, list[float]] = {}
     slm_mean, mb, secs, filt, lada_kb = [], [], [], [], []
+    chains: dict[str, list[float]] = {}  # linked tasks: "slm-mean" and "llm" chain-right shares by seed
     for rows in rows_by_seed.values():
         last = max(r["round"] for r in rows)
         final = [r for r in rows if r["round"] == last]
@@ -387,6 +388,11 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
                 finals.setdefault("llm-domains", []).append(dom)
         slm = [r["accuracy"] for r in final if r["participant"] != "llm"]
         slm_mean.append(sum(slm) / len(slm) if slm else float("nan"))
+        slm_chain = [r["chain_right"] for r in final if r["participant"] != "llm" and r.get("chain_right") is not None]
+        if slm_chain and len(slm_chain) == len(slm):
+            chains.setdefault("slm-mean", []).append(statistics.fmean(slm_chain))
+        chains.setdefault("llm", []).extend(r["chain_right"] for r in final
+                                            if r["participant"] == "llm" and r.get("chain_right") is not None)
         llm_rows = [r for r in rows if r["participant"] == "llm" and r["round"] > 0]
         if llm_rows:
             mb.append(statistics.fmean((r["bytes_up"] + r["bytes_down"] - r.get("lada_bytes_up", 0)
@@ -398,7 +404,8 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
         if any(f) and llm_rows:
             filt.append(sum(f) / len(llm_rows))
     return {"finals": finals, "slm_mean": slm_mean, "mb_per_round": mb, "seconds_per_round": secs,
-            "filter_seconds_per_round": filt, "lada_kb_per_round": lada_kb}
+            "filter_seconds_per_round": filt, "lada_kb_per_round": lada_kb,
+            "chain_right": {k: v for k, v in chains.items() if v}}
 
 
 def comparisons(methods: list[str]) -> list[tuple[str, str]]:
@@ -485,12 +492,26 @@ def write_report(results: dict[str, dict[int, list[dict]]], out_dir: Path, base:
             # the bound has no rounds: its rows' seconds are whole trainings, not a round's
             f"{statistics.fmean(s['seconds_per_round']):.0f}" if s["seconds_per_round"] and method != CENTRALISED
             else "-", f_share]) + " |")
+    lines += chain_table(summary)
     lines += paired_table(results, seeds)
     table, summary_path, plot = report_paths(out_dir, tag)
     table.write_text("\n".join(lines) + "\n")
     summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
     plot_grid(results, plot)
     return table
+
+
+def chain_table(summary: dict[str, dict]) -> list[str]:
+    """Lines of the chains-right table of a linked task (``EvalResult.chain_right``), or
+    none when no method's runs report chains (the arithmetic task, GSM8K)."""
+    rows = [(m, s["chain_right"]) for m, s in summary.items() if s.get("chain_right")]
+    if not rows:
+        return []
+    lines = ["", "Chains right (%), final round: the share of test outputs whose chain reached the gold value "
+             "(the answer line follows from it). A yes/no answer is right half the time after a wrong chain, "
+             "so accuracy moves by about half of what the chains gain.", "",
+             "| method | SLM mean | LLM |", "|---|---|---|"]
+    return lines + [f"| {m} | {mean_std(c.get('slm-mean', []))} | {mean_std(c.get('llm', []))} |" for m, c in rows]
 
 
 def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:

@@ -257,7 +257,7 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
         replies.update(_exchange(transport, EVALUATE, rnd, {k: {} for k in ask}, None, state.failures, bases, attempt))
         state.drop_failed(rnd, "evaluate", progress)
     t0 = time.perf_counter()
-    correct, cached = _llm_correct(cfg, server)
+    correct, cached, chain = _llm_correct(cfg, server)
     llm_row = {"round": rnd, "participant": "llm", "accuracy": sum(correct) / max(1, len(correct)),
                "n_test": len(correct), "bytes_up": sum(traffic.up.values()),
                "bytes_down": sum(traffic.down.values()), "lada_bytes_up": sum(traffic.plugin_up.values()),
@@ -265,6 +265,8 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
                "eval_seconds": time.perf_counter() - t0, "eval_cached": float(cached),
                "clients_eval_seconds": t0 - t_clients + _evaluation_wall(transport, evaluations)}
     llm_row.update(_accuracy_by_domain(server.test_set, correct))
+    if chain is not None:
+        llm_row["chain_right"] = chain
     llm_row.update(server.pop_metrics())
     server.save_state()
     snapshot(server.workspace, rnd)
@@ -277,6 +279,8 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
                    "bytes_up": traffic.up.get(k, 0), "bytes_down": traffic.down.get(k, 0),
                    "lada_bytes_up": traffic.plugin_up.get(k, 0), "lada_bytes_down": traffic.plugin_down.get(k, 0),
                    "seconds": traffic.seconds.get(k, 0.0)}
+            if r.get("chain_right") is not None:
+                row["chain_right"] = float(r["chain_right"])
             row.update({key[2:]: v for key, v in r.items() if key.startswith("m_")})
         else:
             row = {"round": rnd, "participant": f"client-{k}", "accuracy": None, "status": "missing",
@@ -291,9 +295,10 @@ def _evaluate(cfg, transport: Transport, server, rnd: int, traffic: RoundTraffic
     return rows
 
 
-def _llm_correct(cfg, server) -> tuple[list[bool], bool]:
-    """Per-example correctness of the LLM's greedy answers on its test set, and whether
-    it was reused. Greedy decoding is deterministic, so while the weights are those of
+def _llm_correct(cfg, server) -> tuple[list[bool], bool, float | None]:
+    """Per-example correctness of the LLM's greedy answers on its test set, whether it
+    was reused, and on a linked task the share of its chains that reached the gold value
+    (``EvalResult.chain_right``). Greedy decoding is deterministic, so while the weights are those of
     the last evaluation (hosts that never train the LLM: standalone, one-way CoT) the
     answers are reused instead of generated again. The key is the model version plus a
     checksum of the weights, which also catches a model changed in place without a save."""
@@ -306,11 +311,11 @@ def _llm_correct(cfg, server) -> tuple[list[bool], bool]:
         checksum = float(sum(p.detach().sum(dtype=torch.float64) for p in lm.model.parameters()))  # no fp64 copies
     key = [int(server.state.get("model_version", 0)), checksum, len(server.test_set)]
     last = server.state.get("llm_eval")
-    if last and last.get("key") == key:
-        return [bool(x) for x in last["correct"]], True
+    if last and last.get("key") == key and "chain_right" in last:
+        return [bool(x) for x in last["correct"]], True, last["chain_right"]
     res = evaluate(lm, server.test_set, cfg.generation)
-    server.state["llm_eval"] = {"key": key, "correct": [bool(x) for x in res.correct]}
-    return list(res.correct), False
+    server.state["llm_eval"] = {"key": key, "correct": [bool(x) for x in res.correct], "chain_right": res.chain_right}
+    return list(res.correct), False, res.chain_right
 
 
 def _accuracy_by_domain(examples, correct: list[bool]) -> dict[str, float]:
@@ -427,6 +432,8 @@ def _evaluate_client(node, ws: Path, rnd: int, base: int | None) -> Payload:
 
     res = evaluate(node.model(), node.test_set, node.cfg.generation)
     reply: Payload = {"accuracy": float(res.accuracy), "n": int(res.n)}
+    if res.chain_right is not None:
+        reply["chain_right"] = float(res.chain_right)
     reply.update({f"m_{name}": v for name, v in node.pop_metrics().items()})
     node.save_state()
     if base is not None:
