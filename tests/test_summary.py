@@ -17,18 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(grid: Path, method: str, seed: int, slm: list[float], llm: float, done: bool = True,
-         mb: float = 1.0, lada_kb: float = 0.0) -> None:
-    """A finished run with a round-0 and a final-round row per participant."""
+         mb: float = 1.0, lada_kb: float = 0.0, chain: float | None = None) -> None:
+    """A finished run with a round-0 and a final-round row per participant (``chain``:
+    a linked task's chains right, on every row)."""
     d = grid / method / f"seed{seed}"
     d.mkdir(parents=True)
     rows = []
+    extra = {} if chain is None else {"chain_right": chain}
     for rnd in (0, 2):
         for k, a in enumerate(slm):
-            rows.append({"round": rnd, "participant": f"client-{k}", "accuracy": a / 2 if rnd == 0 else a})
+            rows.append({"round": rnd, "participant": f"client-{k}", "accuracy": a / 2 if rnd == 0 else a, **extra})
         # the LLM's row carries the round's bytes (host and LaDa) and seconds
         rows.append({"round": rnd, "participant": "llm", "accuracy": llm, "seconds": 10.0,
                      "bytes_up": mb * 1e6 / 2 + lada_kb * 1e3, "bytes_down": mb * 1e6 / 2,
-                     "lada_bytes_up": lada_kb * 1e3, "lada_bytes_down": 0})
+                     "lada_bytes_up": lada_kb * 1e3, "lada_bytes_down": 0, **extra})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if done:
         (d / "DONE").write_text("ok\n")
@@ -75,6 +77,18 @@ def test_best_host_paired_deltas_and_verdicts(tmp_path):
     assert "LaDa on cot is ahead for the SLM mean (+2.0 ± 0.0 points) and within noise for the LLM" in block
     assert "| fedmkt | 1 of 3 | 30.0 | 20.0 | -10.0 |" in page
     assert "2 of the grid's 3 seeds are still to run" in page
+    assert "chains right" not in page  # the arithmetic task has no linked answer
+
+
+def test_a_linked_task_states_its_chain_deltas(tmp_path):
+    g = tmp_path / "g"
+    for seed, gain in ((3, 0.03), (4, 0.04), (5, 0.035)):  # accuracy level, chains up on every seed
+        _run(g, "cot", seed, [0.6, 0.6], 0.5, chain=0.30)
+        _run(g, "cot+lada", seed, [0.6, 0.6], 0.5, chain=0.30 + gain)
+    (entry, best), = S.build(S.load_spec(_spec(tmp_path, GRID)))[0]
+    assert [round(d, 6) for d in best["d_chain"][0]] == [0.03, 0.04, 0.035]
+    assert "In chains right (points): +3.5 ± 0.5 for the SLM mean (ahead) and +3.5 ± 0.5 for the LLM (ahead)." \
+        in S.sentence(best, entry)
 
 
 def test_a_consistent_loss_is_behind_and_mixed_signs_are_within_noise():

@@ -423,15 +423,20 @@ def comparisons(methods: list[str]) -> list[tuple[str, str]]:
 
 
 def per_seed(by_seed: dict[int, list[dict]]) -> dict[str, dict[int, float]]:
-    """One method's final-round SLM mean (``slm``) and LLM accuracy (``llm``), and its
-    host MB (``mb``) and LaDa KB (``lada_kb``) per round, each by seed (a seed without
-    the value is left out), for comparisons paired by seed."""
-    out: dict[str, dict[int, float]] = {"slm": {}, "llm": {}, "mb": {}, "lada_kb": {}}
+    """One method's final-round SLM mean (``slm``) and LLM accuracy (``llm``), its host
+    MB (``mb``) and LaDa KB (``lada_kb``) per round and, on a linked task, the SLM mean's
+    and the LLM's chains right (``slm_chain``, ``llm_chain``), each by seed (a seed
+    without the value is left out), for comparisons paired by seed."""
+    out: dict[str, dict[int, float]] = {"slm": {}, "llm": {}, "mb": {}, "lada_kb": {}, "slm_chain": {},
+                                        "llm_chain": {}}
     for seed, rows in by_seed.items():
         s = summarise({seed: rows})
         out["slm"][seed] = s["slm_mean"][0]
         if s["finals"].get("llm"):
             out["llm"][seed] = s["finals"]["llm"][0]
+        for key, who in (("slm_chain", "slm-mean"), ("llm_chain", "llm")):
+            if s["chain_right"].get(who):
+                out[key][seed] = s["chain_right"][who][0]
         if s["mb_per_round"]:
             out["mb"][seed] = s["mb_per_round"][0]
             out["lada_kb"][seed] = s["lada_kb_per_round"][0]

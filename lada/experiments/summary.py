@@ -55,6 +55,8 @@ class Side:
     llm: dict[int, float] = field(default_factory=dict)
     mb: dict[int, float] = field(default_factory=dict)
     lada_kb: dict[int, float] = field(default_factory=dict)
+    slm_chain: dict[int, float] = field(default_factory=dict)  # linked tasks: chains right
+    llm_chain: dict[int, float] = field(default_factory=dict)
 
 
 KEYS = {"scenario": str, "task": str, "dir": str, "seeds": list, "hosts": list, "config": str, "note": str}
@@ -108,7 +110,8 @@ def compare(entry: GridEntry, host: str) -> dict:
     seeds = [s for s in entry.seeds if s in base.slm and s in lada.slm]
     pick = lambda d: [d[s] for s in seeds if s in d]  # noqa: E731
     d_slm, d_llm = paired(base.slm, lada.slm, seeds), paired(base.llm, lada.llm, seeds)
-    return {"host": host, "seeds": seeds, "host_seeds": sorted(base.slm),
+    d_chain = paired(base.slm_chain, lada.slm_chain, seeds), paired(base.llm_chain, lada.llm_chain, seeds)
+    return {"host": host, "seeds": seeds, "host_seeds": sorted(base.slm), "d_chain": d_chain,
             "slm": (pick(base.slm), pick(lada.slm)), "llm": (pick(base.llm), pick(lada.llm)),
             "d_slm": d_slm, "d_llm": d_llm, "v_slm": judge(d_slm), "v_llm": judge(d_llm),
             "mb": pick(base.mb), "lada_kb": pick(lada.lada_kb),
@@ -147,6 +150,11 @@ def sentence(row: dict, entry: GridEntry) -> str:
         text = (f"On {on}, LaDa on {row['host']} is {row['v_slm']} for the SLM mean ({_delta(row['d_slm'])} "
                 f"points)" + (f" and {row['v_llm']} for the LLM ({_delta(row['d_llm'])})" if row["d_llm"] else "")
                 + ".")
+    d_slm_chain, d_llm_chain = row.get("d_chain", ([], []))
+    if d_slm_chain:  # a linked task: the answer type halves what accuracy shows of a chain gain
+        parts = [f"{_delta(d)} for the {who}" + (f" ({judge(d)})" if len(d) > 1 else "")
+                 for d, who in ((d_slm_chain, "SLM mean"), (d_llm_chain, "LLM")) if d]
+        text += f" In chains right (points): {' and '.join(parts)}."
     if n < len(entry.seeds):
         text += f" {len(entry.seeds) - n} of the grid's {len(entry.seeds)} seeds are still to run."
     return text + (f" {entry.note}" if entry.note else "")
