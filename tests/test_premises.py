@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lada.config import RunConfig
+from lada.data.answers import chain_share
 from lada.data.records import example_target
 from lada.experiments import premises as pm
 from lada.hosts.common import transfer_steps
@@ -179,9 +180,9 @@ def test_chain_right_counts_chains_not_answers():
     exs = _yesno(6)
     outputs = [example_target(ex) for ex in exs[:4]] + [_wrong_chain(ex) for ex in exs[4:]]
     assert all(is_correct(o, ex.answer, ex.answer_type) for o, ex in zip(outputs, exs))  # every answer right...
-    assert pm._chain_right(outputs, exs) == pytest.approx(4 / 6)  # ...but two chains wrong
+    assert chain_share(outputs, exs) == pytest.approx(4 / 6)  # ...but two chains wrong
     arith = generate("general", 3, seed=5)
-    assert pm._chain_right([example_target(ex) for ex in arith], arith) is None  # not a linked task
+    assert chain_share([example_target(ex) for ex in arith], arith) is None  # not a linked task
 
 
 def test_eval_reports_chains_per_part_on_a_linked_task(monkeypatch):
@@ -190,7 +191,7 @@ def test_eval_reports_chains_per_part_on_a_linked_task(monkeypatch):
     examples = general + farm
     outputs = [example_target(ex) for ex in general] + [_wrong_chain(ex) for ex in farm[:3]] + [example_target(farm[3])]
     monkeypatch.setattr(generation, "evaluate", lambda lm, exs, cfg, progress=None: generation.EvalResult(
-        1.0, len(exs), [True] * len(exs), outputs, {}))
+        1.0, len(exs), [True] * len(exs), outputs, {}, chain_share(outputs, exs)))
     ctx = type("C", (), {"test_set": lambda self, who: examples, "cfg": RunConfig()})()
     out = pm._eval(ctx, None, "server")
     assert out["chain_right"] == pytest.approx(5 / 8) and out["domain_chain_right"] == pytest.approx(1 / 4)

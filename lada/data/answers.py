@@ -534,6 +534,15 @@ def final_step(outputs: list[str], examples: list[Example]) -> tuple[int, int, i
     return n, chain_right, answer_right
 
 
+def chain_share(outputs: list[str], examples: list[Example]) -> float | None:
+    """On a linked task (yes/no, choice: the answer line follows from the chain's value),
+    the share of outputs whose chain reached the gold value (``final_step``); None when no
+    question is linked. A yes/no answer is right half the time after a wrong chain, so
+    accuracy shows only about half of what the chains gain: this shows the reasoning."""
+    n, chain_right, _ = final_step(outputs, examples)
+    return chain_right / n if n else None
+
+
 def verify_path(text: str, example: Example) -> bool:
     """A reasoning path is verified when its answer is right and every calculator step is
     right. When the gold rationale ends on a choice line (the synthetic choice task) or a

@@ -111,18 +111,8 @@ class Context:
         return list(self.views[who].test)
 
 
-def _chain_right(outputs: list[str], examples: list) -> float | None:
-    """On a linked task (the yes/no and choice tasks: an answer line that follows from the
-    chain's value), the share of outputs whose chain reached the gold value; None on
-    other tasks. A yes/no answer is right half the time after a wrong chain, so accuracy
-    moves by only half of what the chains gain: this shows the reasoning itself."""
-    from lada.data.answers import final_step
-
-    n, chain, _ = final_step(outputs, examples)
-    return chain / n if n else None
-
-
 def _eval(ctx: Context, lm, who: str) -> dict:
+    from lada.data.answers import chain_share
     from lada.models.generation import evaluate
 
     examples = ctx.test_set(who)
@@ -134,11 +124,11 @@ def _eval(ctx: Context, lm, who: str) -> dict:
 
     def part(idx: list[int]) -> dict:
         r = {"accuracy": sum(res.correct[i] for i in idx) / len(idx), "n": len(idx)}
-        chain = _chain_right([res.outputs[i] for i in idx], [examples[i] for i in idx])
+        chain = chain_share([res.outputs[i] for i in idx], [examples[i] for i in idx])
         return r if chain is None else {**r, "chain_right": chain}
 
-    if (chain := _chain_right(res.outputs, examples)) is not None:
-        out["chain_right"] = chain
+    if res.chain_right is not None:
+        out["chain_right"] = res.chain_right
     if who == "server":  # the LLM's test set mixes general and every client domain
         dom = [i for d, idx in by_domain.items() if d != "general" for i in idx]
         measured = part(dom) if dom else {"accuracy": float("nan")}
@@ -438,7 +428,7 @@ def _count(paths: list[dict], key: str) -> dict[str, int]:
 
 def summarise(results: dict[int, dict[str, dict]], ctx: Context | None, metric: str = "accuracy") -> dict:
     """Per participant: ``metric`` (mean over seeds), headroom with its noise, bounds.
-    ``metric`` is a cell's accuracy, or on a linked task its chain_right (``_chain_right``);
+    ``metric`` is a cell's accuracy, or on a linked task its chain_right (``chain_share``);
     both are shares of the same n test problems, so the same binomial noise applies."""
     if ctx:
         clients = [f"client{k}" for k in ctx.clients]

@@ -351,7 +351,7 @@ class EvalResult:
 def evaluate(lm, examples: list[Example], gen_cfg: GenerationConfig, max_new_tokens: int | None = None,
              progress: bool | None = None) -> EvalResult:
     """Greedy accuracy on ``examples`` (answers checked by ``lada.data.answers``)."""
-    from lada.data.answers import final_step, is_correct
+    from lada.data.answers import chain_share, is_correct
 
     outputs = greedy_generate(lm, [example_prompt(ex) for ex in examples], max_new_tokens or gen_cfg.max_new_tokens,
                               gen_cfg.eval_batch_size, progress)
@@ -362,5 +362,4 @@ def evaluate(lm, examples: list[Example], gen_cfg: GenerationConfig, max_new_tok
         groups.setdefault(ex.num_steps, []).append(ok)
     by_steps = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
     acc = sum(correct) / len(correct) if correct else 0.0
-    linked, chains, _ = final_step(outputs, examples)
-    return EvalResult(acc, len(examples), correct, outputs, by_steps, chains / linked if linked else None)
+    return EvalResult(acc, len(examples), correct, outputs, by_steps, chain_share(outputs, examples))
