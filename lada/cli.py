@@ -157,7 +157,7 @@ def cmd_grid(args) -> int:
     from lada.experiments.grid import main_grid
 
     return main_grid(args.config, args.methods, args.seeds, args.out, args.engine, list(args.set or []),
-                     args.report_only, args.tag, args.premises, args.status)
+                     args.report_only, args.tag, args.premises, args.status, args.export)
 
 
 def cmd_premises(args) -> int:
@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--premises", default=None, metavar="DIR",
                    help="a `lada premises --out` folder of the same config: the centralised bound takes its "
                         "central-* cells where they match instead of training them again")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="copy each finished cell's config, metrics, summary and plot into DIR/<method>/seed<N> "
+                        "as it finishes (no checkpoints or logs), and write the report there too: run a grid "
+                        "in a scratch --out and publish into a results folder")
     g.set_defaults(func=cmd_grid)
 
     pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "

@@ -334,3 +334,57 @@ def test_a_tag_that_cannot_name_a_file_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "config error: --tag: letters, digits, '.', '_' and '-' only (it names files), got 'a/b'\n"
     assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+
+
+def test_export_publishes_each_finished_cell_without_checkpoints_and_only_once(tmp_path, monkeypatch, caplog):
+    import lada.experiments.grid as grid
+
+    def fake_run(cfg, **kw):
+        d = Path(cfg.run_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.toml").write_text(cfg.to_toml())
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(0.01 * cfg.seed)))
+        (d / "summary.md").write_text("summary\n")
+        (d / "checkpoints").mkdir()
+        (d / "checkpoints" / "client-0.pt").write_bytes(b"weights")
+        (d / "run.log").write_text("log\n")
+        (d / "DONE").write_text("done\n")
+        calls.append(cfg.run_dir)
+
+    calls = []
+    monkeypatch.setattr(grid, "run", fake_run)
+    monkeypatch.setattr(grid, "plot_grid", lambda results, out: out)
+    base, out, pub = ROOT / "configs/tiny-test.toml", tmp_path / "scratch", tmp_path / "results"
+    grid.run_grid(base, ["cot"], [0, 1], out, export=pub)
+    assert len(calls) == 2
+    for seed in (0, 1):
+        cell = pub / "cot" / f"seed{seed}"
+        assert sorted(p.name for p in cell.iterdir()) == ["DONE", "config.toml", "metrics.jsonl", "summary.md"]
+        assert (cell / "metrics.jsonl").read_bytes() == (out / "cot" / f"seed{seed}" / "metrics.jsonl").read_bytes()
+    assert "| cot |" in (pub / "results.md").read_text()
+    # the published folder is a grid of its own: a report-only run there finds every cell
+    grid.run_grid(base, ["cot"], [0, 1], pub, report_only=True, tag="check")
+    assert "| cot |" in (pub / "results-check.md").read_text()
+    # resumed: the cells are reused and, being published already, not copied again
+    (pub / "cot" / "seed0" / "summary.md").write_text("edited\n")
+    with caplog.at_level("INFO", logger="lada.grid"):
+        grid.run_grid(base, ["cot"], [0, 1], out, export=pub)
+    assert len(calls) == 2 and "exported" not in caplog.text
+    assert (pub / "cot" / "seed0" / "summary.md").read_text() == "edited\n"
+    # a finished cell of another config in the way is replaced, with a warning
+    other = method_config(base, "cot", 1, pub, ["train.lr=0.123"])
+    (pub / "cot" / "seed1" / "config.toml").write_text(other.to_toml())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lada.grid"):
+        grid.run_grid(base, ["cot"], [0, 1], out, export=pub)
+    assert "replacing" in caplog.text and "cot seed 1: exported" in caplog.text and "cot seed 0: exported" not in caplog.text
+    assert grid._finished(pub / "cot" / "seed1", method_config(base, "cot", 1, pub, []))
+
+
+def test_grid_export_must_be_a_folder(tmp_path, capsys):
+    from lada.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["grid", str(ROOT / "configs/tiny-test.toml"), "--methods", "cot", "--seeds", "0",
+                 "--out", str(tmp_path / "g"), "--export", str(tmp_path / "file")]) == 2
+    assert "--export" in capsys.readouterr().err and not (tmp_path / "g").exists()

@@ -6,13 +6,17 @@ A method is a name that says which host, plug-in and ablations to run (see
 ``apply_method``); host and plug-in names come from ``lada.registry`` and what a host
 can do from its declared ``Capabilities``, so this module names no host. Finished runs
 (their DONE marker) are reused and an interrupted run continues after its last committed
-round, so a grid can be stopped and resumed any number of times.
+round, so a grid can be stopped and resumed any number of times. ``--export DIR``
+copies each finished cell's small files (config, metrics, summary, plot) into DIR as it
+finishes, so a grid run in a scratch folder publishes into a results folder cell by
+cell, without checkpoints or logs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import logging
 import math
 import re
@@ -224,19 +228,47 @@ def format_status(states: dict[str, dict[int, str]], seeds: list[int]) -> str:
     return "\n".join(lines) + f"\n\n{done} of {total} cell(s) done\n"
 
 
+# What ``--export`` copies of a finished cell: enough for ``--report-only`` and a reader.
+# DONE goes last, so a copy cut short is not taken for a finished cell.
+EXPORT_FILES = ("config.toml", "metrics.jsonl", "summary.md", "accuracy.png", "DONE")
+
+
+def export_cell(run_dir: Path, dest: Path, cfg: RunConfig) -> bool:
+    """Copy finished ``run_dir``'s ``EXPORT_FILES`` into ``dest`` (made if missing);
+    False when ``dest`` already holds this very cell (same config and metrics: nothing to
+    do). A finished cell of another config there is replaced, with a warning."""
+    if run_dir.resolve() == dest.resolve():
+        return False
+    if _finished(dest, cfg) and (dest / "metrics.jsonl").is_file() \
+            and (dest / "metrics.jsonl").read_bytes() == (run_dir / "metrics.jsonl").read_bytes():
+        return False
+    if (dest / "DONE").exists() and not _finished(dest, cfg):
+        log.warning("export: replacing %s (a finished run of another config)", dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "DONE").unlink(missing_ok=True)
+    for name in EXPORT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+        else:
+            (dest / name).unlink(missing_ok=True)  # e.g. no plot: no stale one from another run
+    return True
+
+
 class GridIncomplete(Exception):
     """``report_only`` found method x seed cells without a finished run of their config."""
 
 
 def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, engine: str | None = None,
              overrides: list[str] | None = None, report_only: bool = False,
-             tag: str = "", premises: Path | None = None) -> dict[str, dict[int, list[dict]]]:
+             tag: str = "", premises: Path | None = None,
+             export: Path | None = None) -> dict[str, dict[int, list[dict]]]:
     """Run (or reuse) every method x seed; returns metric rows by method and seed.
     ``report_only``: run nothing; rebuild the table from finished runs, or raise
     ``GridIncomplete`` naming every cell that has none (before writing anything).
     ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``).
     ``premises``: take the centralised bound's cells from this premises folder where they
-    match (``run_centralised``)."""
+    match (``run_centralised``). ``export``: copy each finished cell into
+    ``export/<method>/seed<N>`` (``export_cell``) and write the report there too."""
     cells = grid_cells(base, methods, seeds, out_dir, engine, overrides)
     if report_only:
         missing = [f"{m} seed {s} ({cfg.run_dir})" for m, s, cfg in cells if not _finished(Path(cfg.run_dir), cfg)]
@@ -265,8 +297,12 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
+        if export is not None and export_cell(run_dir, export / method / f"seed{seed}", cfg):
+            log.info("[%d/%d] %s seed %d: exported to %s", i, total, method, seed, export / method / f"seed{seed}")
     budget = " ".join([budget, *(n for n in host_notes.values() if n)])
     write_report(results, out_dir, base, seeds, budget, tag)
+    if export is not None and export.resolve() != out_dir.resolve():
+        write_report(results, export, base, seeds, budget, tag)
     return results
 
 
@@ -560,7 +596,8 @@ def plot_grid(results: dict[str, dict[int, list[dict]]], out: Path) -> Path:
 
 
 def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str | None, overrides: list[str],
-              report_only: bool = False, tag: str = "", premises: str | None = None, status: bool = False) -> int:
+              report_only: bool = False, tag: str = "", premises: str | None = None, status: bool = False,
+              export: str | None = None) -> int:
     try:
         names = parse_methods(methods, load_config(base, split_plugin_overrides(overrides)[0]).host_name)
     except ValueError as e:
@@ -577,8 +614,10 @@ def main_grid(base: str, methods: str, seeds: list[int], out: str, engine: str |
                 states.setdefault(method, {})[seed] = cell_state(method, cfg)
             print(format_status(states, seeds), end="")
             return 0
+        if export and Path(export).exists() and not Path(export).is_dir():
+            raise ConfigError(f"--export: {export} is not a folder")
         run_grid(Path(base), names, seeds, Path(out), engine, overrides, report_only, tag,
-                 Path(premises) if premises else None)
+                 Path(premises) if premises else None, Path(export) if export else None)
     except GridIncomplete as e:
         raise SystemExit(f"lada grid --report-only: {e}. Run the grid without --report-only to complete them "
                          "(the engine is part of a run's config: give the one the runs were made with).") from None
