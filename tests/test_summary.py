@@ -77,6 +77,9 @@ def test_best_host_paired_deltas_and_verdicts(tmp_path):
     assert "LaDa on cot is ahead for the SLM mean (+2.0 ± 0.0 points) and within noise for the LLM" in block
     assert "| fedmkt | 1 of 3 | 30.0 | 20.0 | -10.0 |" in page
     assert "2 of the grid's 3 seeds are still to run" in page
+    (g / "fedmkt+lada" / "seed4" / "DONE").write_text("ok\n")  # the interrupted run finishes
+    _, page = S.render(S.load_spec(_spec(tmp_path, GRID)), "summary.toml")
+    assert "1 of the grid's 3 seeds is still to run" in page
     assert "chains right" not in page  # the arithmetic task has no linked answer
 
 

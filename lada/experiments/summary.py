@@ -156,7 +156,8 @@ def sentence(row: dict, entry: GridEntry) -> str:
                  for d, who in ((d_slm_chain, "SLM mean"), (d_llm_chain, "LLM")) if d]
         text += f" In chains right (points): {' and '.join(parts)}."
     if n < len(entry.seeds):
-        text += f" {len(entry.seeds) - n} of the grid's {len(entry.seeds)} seeds are still to run."
+        left = len(entry.seeds) - n
+        text += f" {left} of the grid's {len(entry.seeds)} seeds {'is' if left == 1 else 'are'} still to run."
     return text + (f" {entry.note}" if entry.note else "")
 
 
