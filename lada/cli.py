@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "central-* cells where they match instead of training them again")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="copy each finished cell's config, metrics, summary and plot into DIR/<method>/seed<N> "
-                        "as it finishes (no checkpoints or logs), and write the report there too: run a grid "
-                        "in a scratch --out and publish into a results folder")
+                        "as it finishes (no checkpoints or logs): run a grid in a scratch --out and publish "
+                        "into a results folder, then `--report-only --out DIR --tag NAME` writes its table there")
     g.set_defaults(func=cmd_grid)
 
     pm = sub.add_parser("premises", help="measure the testbed's premises (transfer headroom both ways, "

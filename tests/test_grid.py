@@ -361,7 +361,8 @@ def test_export_publishes_each_finished_cell_without_checkpoints_and_only_once(t
         cell = pub / "cot" / f"seed{seed}"
         assert sorted(p.name for p in cell.iterdir()) == ["DONE", "config.toml", "metrics.jsonl", "summary.md"]
         assert (cell / "metrics.jsonl").read_bytes() == (out / "cot" / f"seed{seed}" / "metrics.jsonl").read_bytes()
-    assert "| cot |" in (pub / "results.md").read_text()
+    assert "| cot |" in (out / "results.md").read_text()
+    assert not (pub / "results.md").exists()  # a results folder's own reports are left alone
     # the published folder is a grid of its own: a report-only run there finds every cell
     grid.run_grid(base, ["cot"], [0, 1], pub, report_only=True, tag="check")
     assert "| cot |" in (pub / "results-check.md").read_text()

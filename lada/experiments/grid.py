@@ -268,7 +268,8 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
     ``tag``: name the report files ``results-<tag>.md`` etc. (see ``report_paths``).
     ``premises``: take the centralised bound's cells from this premises folder where they
     match (``run_centralised``). ``export``: copy each finished cell into
-    ``export/<method>/seed<N>`` (``export_cell``) and write the report there too."""
+    ``export/<method>/seed<N>`` (``export_cell``). No report is written there: a results
+    folder keeps reports of other seed subsets, which ``--report-only --tag`` rebuilds."""
     cells = grid_cells(base, methods, seeds, out_dir, engine, overrides)
     if report_only:
         missing = [f"{m} seed {s} ({cfg.run_dir})" for m, s, cfg in cells if not _finished(Path(cfg.run_dir), cfg)]
@@ -301,8 +302,6 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d: exported to %s", i, total, method, seed, export / method / f"seed{seed}")
     budget = " ".join([budget, *(n for n in host_notes.values() if n)])
     write_report(results, out_dir, base, seeds, budget, tag)
-    if export is not None and export.resolve() != out_dir.resolve():
-        write_report(results, export, base, seeds, budget, tag)
     return results
 
 
