@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import logging
 import math
 import re
+import shutil
 import statistics
 import time
 import tomllib
@@ -239,10 +239,11 @@ def export_cell(run_dir: Path, dest: Path, cfg: RunConfig) -> bool:
     do). A finished cell of another config there is replaced, with a warning."""
     if run_dir.resolve() == dest.resolve():
         return False
-    if _finished(dest, cfg) and (dest / "metrics.jsonl").is_file() \
+    finished = _finished(dest, cfg)
+    if finished and (dest / "metrics.jsonl").is_file() \
             and (dest / "metrics.jsonl").read_bytes() == (run_dir / "metrics.jsonl").read_bytes():
         return False
-    if (dest / "DONE").exists() and not _finished(dest, cfg):
+    if (dest / "DONE").exists() and not finished:
         log.warning("export: replacing %s (a finished run of another config)", dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "DONE").unlink(missing_ok=True)
@@ -298,8 +299,8 @@ def run_grid(base: Path, methods: list[str], seeds: list[int], out_dir: Path, en
             log.info("[%d/%d] %s seed %d", i, total, method, seed)
             run(cfg, engine=engine, overwrite=True)
         results.setdefault(method, {})[seed] = read_metrics(run_dir / "metrics.jsonl")
-        if export is not None and export_cell(run_dir, export / method / f"seed{seed}", cfg):
-            log.info("[%d/%d] %s seed %d: exported to %s", i, total, method, seed, export / method / f"seed{seed}")
+        if export is not None and export_cell(run_dir, dest := export / method / f"seed{seed}", cfg):
+            log.info("[%d/%d] %s seed %d: exported to %s", i, total, method, seed, dest)
     budget = " ".join([budget, *(n for n in host_notes.values() if n)])
     write_report(results, out_dir, base, seeds, budget, tag)
     return results
