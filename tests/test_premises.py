@@ -62,6 +62,45 @@ def test_treated_and_control_get_the_same_steps_and_cells_resume(tmp_path):
     assert calls == [1]
 
 
+def test_a_stopped_cell_goes_on_from_its_training_state(tmp_path, monkeypatch):
+    """A cell stopped in the middle of its training resumes from the saved state, not from
+    scratch, ends as an unbroken one does, counts the stopped attempt's training seconds,
+    and leaves no state behind (nor a stale one of other inputs)."""
+    from lada.models import training
+
+    monkeypatch.setattr(training, "SAVE_EVERY_S", 0.0)  # save before every step
+    a = _ctx(tmp_path / "a")
+    unbroken = pm.run_cell(a, "central-client0", lambda: pm.cell_central(a, "client0"))
+    assert unbroken["train_steps"] >= 4
+    b = _ctx(tmp_path / "b")
+    cells = tmp_path / "b" / "seed0"
+    cells.mkdir(parents=True)
+    (cells / "central-client0.0123456789abcdef.7.partial.pt").write_bytes(b"another input's state")
+    real, calls = training.lm_loss, []
+
+    def stop_at(n):
+        def loss(model, batch):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(model, batch)
+        return loss
+
+    monkeypatch.setattr(training, "lm_loss", stop_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        pm.run_cell(b, "central-client0", lambda: pm.cell_central(b, "client0"))
+    states = [p.name for p in cells.glob("*.partial.pt")]
+    assert len(states) == 1 and ".0123456789abcdef." not in states[0] and b._cell is None
+    calls.clear()
+    monkeypatch.setattr(training, "lm_loss", stop_at(10 ** 6))
+    resumed = pm.run_cell(b, "central-client0", lambda: pm.cell_central(b, "client0"))
+    assert len(calls) == unbroken["train_steps"] - 2  # from the stopped 3rd step on: 2 steps were saved
+    assert resumed == unbroken
+    assert not list(cells.glob("*.partial.pt"))
+    seconds = json.loads((cells / "central-client0.json").read_text())["seconds"]
+    assert seconds >= 0
+
+
 def test_learnability_buckets_get_equal_tokens(tmp_path):
     ctx = _ctx(tmp_path)
     buckets, budget, tokens = pm._bucket_token_budget(ctx, 1)

@@ -312,9 +312,10 @@ def run_centralised(cfg: RunConfig, premises: Path | None = None) -> Path:
     as a run directory (config.toml, metrics.jsonl with one final-round row per
     participant, DONE) so the grid reads and reuses it like any run. Each participant's
     result is stored under ``cells/`` as it finishes, so a stopped bound goes on with the
-    participants it has not trained yet. ``premises``: a ``lada premises --out`` folder of
-    the same base config whose ``central-*`` cells are taken instead of training again
-    (``premises.adopt_cell``); a cell that does not match is trained, with the reason logged."""
+    participants it has not trained yet (one stopped mid-training from its saved state).
+    ``premises``: a ``lada premises --out`` folder of the same base config whose ``central-*``
+    cells are taken instead of training again (``premises.adopt_cell``); a cell that does not
+    match is trained, with the reason logged."""
     from lada.experiments.premises import Context, adopt_cell, cell_central, run_cell
     from lada.data import build_federated_data
     from lada.data.split import views

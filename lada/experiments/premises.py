@@ -92,6 +92,10 @@ class Context:
     out: Path
     views: dict  # who -> ParticipantData
     _paths: dict = dataclasses.field(default_factory=dict)
+    # the cell being measured (run_cell sets it): its trainings save their state under
+    # its name, and the training seconds of a stopped attempt they went on from
+    _cell: tuple[str, str] | None = None  # (name, key)
+    _seconds_before: float = 0.0
 
     @property
     def clients(self) -> list[int]:
@@ -145,8 +149,11 @@ def _train_eval(ctx: Context, who: str, pairs: list[tuple[str, str]], steps: int
     from lada.models.training import train_steps
 
     lm = ctx.model(who)
-    stats = train_steps(lm, pairs, steps, ctx.cfg.train, seed=seed, desc=desc, progress=False) if steps else \
-        {"steps": 0, "tokens": 0, "loss": float("nan")}
+    # a long cell (the LLM's centralised bound: over an hour on a CPU) saves its training
+    # state every few minutes and logs progress, so a stopped measurement loses minutes
+    stats = train_steps(lm, pairs, steps, ctx.cfg.train, seed=seed, desc=desc, resume_file=_partial(ctx, seed)) \
+        if steps else {"steps": 0, "tokens": 0, "loss": float("nan"), "seconds_before": 0.0}
+    ctx._seconds_before += stats["seconds_before"]
     return {**_eval(ctx, lm, who), "train_steps": stats["steps"], "train_tokens": stats["tokens"],
             "train_loss": stats["loss"], "train_examples": len(pairs)}
 
@@ -297,6 +304,21 @@ def _cell_key(ctx: Context, name: str) -> str:
 
 
 
+def _partial(ctx: Context, seed: int) -> Path | None:
+    """Where a training of the current cell keeps its state until the cell is stored (one
+    file per training seed; the cell's key in the name, so a changed cell never loads it)."""
+    if ctx._cell is None:
+        return None
+    name, key = ctx._cell
+    return ctx.out / f"seed{ctx.seed}" / f"{name}.{key}.{seed}.partial.pt"
+
+
+def _drop_partials(ctx: Context, name: str, keep_key: str | None = None) -> None:
+    for p in (ctx.out / f"seed{ctx.seed}").glob(f"{name}.*.partial.pt"):
+        if keep_key is None or p.name[len(name) + 1:].split(".")[0] != keep_key:
+            p.unlink(missing_ok=True)
+
+
 def _write_cell(path: Path, record: dict) -> None:
     """Store a cell's record atomically (a stopped job never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,13 +343,21 @@ def run_cell(ctx: Context, name: str, measure: Callable[[], dict], log: Callable
         except (OSError, ValueError):
             pass
     timing.reset()
+    _drop_partials(ctx, name, keep_key=key)  # states of this cell under other inputs
+    outer = ctx._cell, ctx._seconds_before  # a cell may measure another (the paths it trains on)
+    ctx._cell, ctx._seconds_before = (name, key), 0.0
     t0 = time.perf_counter()
-    result = measure()
-    record = {"key": key, "cell": name, "seed": ctx.seed, "seconds": round(time.perf_counter() - t0, 1),
+    try:
+        result = measure()
+        seconds = time.perf_counter() - t0 + ctx._seconds_before
+    finally:
+        ctx._cell, ctx._seconds_before = outer
+    record = {"key": key, "cell": name, "seed": ctx.seed, "seconds": round(seconds, 1),
               "devices": sorted({m.device for m in [ctx.cfg.server, *ctx.cfg.clients]}),
               "format": FORMAT, "epochs": ctx.epochs, "config": _cell_config(ctx.cfg),
               "time_by_kind": {k: round(v, 1) for k, v in timing.totals().items()}, "result": result}
     _write_cell(path, record)
+    _drop_partials(ctx, name)
     if log:
         log(f"seed {ctx.seed} {name}: {_brief(result)} ({record['seconds']:.0f}s)")
     return result

@@ -179,7 +179,8 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     distillation terms); with no pairs, only that loss is optimised. Only parameters
     with ``requires_grad`` are updated, so LoRA models train their adapters only.
     Returns ``{"loss": mean loss of the last 10 steps, "first_loss", "steps",
-    "seconds", "tokens": non-pad tokens processed, "target_tokens", "skipped":
+    "seconds" (an interrupted earlier call's included), "seconds_before" (that earlier
+    call's alone), "tokens": non-pad tokens processed, "target_tokens", "skipped":
     steps skipped for a non-finite loss or gradient}``; raises `NonFiniteError` if more
     than half of the steps were skipped or the weights are not finite at the end.
     ``resume_file``: save the training state there (see the module doc) and go on from
@@ -188,8 +189,8 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     """
     global _NONFINITE_STEPS
     if steps <= 0:
-        return {"loss": float("nan"), "first_loss": float("nan"), "steps": 0, "seconds": 0.0, "tokens": 0,
-                "target_tokens": 0, "skipped": 0}
+        return {"loss": float("nan"), "first_loss": float("nan"), "steps": 0, "seconds": 0.0, "seconds_before": 0.0,
+                "tokens": 0, "target_tokens": 0, "skipped": 0}
     if not pairs and extra_loss is None:
         raise ValueError(f"train_steps({desc!r}): no training pairs and no extra_loss")
     model, tok = lm.model, lm.tokenizer
@@ -285,8 +286,8 @@ def train_steps(lm, pairs: list[tuple[str, str]], steps: int, train_cfg: TrainCo
     tail = losses[-10:]
     return {"loss": sum(tail) / len(tail) if tail else float("nan"),
             "first_loss": losses[0] if losses else float("nan"), "steps": len(losses),
-            "seconds": before + time.perf_counter() - t0, "tokens": tokens, "target_tokens": target_tokens,
-            "skipped": skipped}
+            "seconds": before + time.perf_counter() - t0, "seconds_before": before, "tokens": tokens,
+            "target_tokens": target_tokens, "skipped": skipped}
 
 
 def _read_state(path: Path, key: dict, desc: str) -> dict | None:

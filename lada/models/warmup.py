@@ -170,7 +170,7 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
         here = time.perf_counter() - t0
         earlier += max(0.0, stats["seconds"] - here)  # training time of a stopped attempt this one went on from
         stage_meta.append({"steps": steps, "examples": len(examples),
-                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
+                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str)) and k != "seconds_before"},
                            "seconds": round(stats["seconds"], 1)})
     seconds = time.perf_counter() - start + earlier
     save_model(lm, out)
