@@ -1,4 +1,4 @@
-"""Shared test data: tiny arithmetic examples in the project's text format."""
+"""Shared test data (tiny arithmetic examples in the project's text format) and helpers."""
 
 import random
 
@@ -52,3 +52,21 @@ def sampled_task_paths(task: str, tmp_path) -> list[tuple[object, Example]]:
     assert sum(c.verified for c in cands) >= 2
     by_id = {ex.id: ex for ex in exs}
     return [(c, by_id[c.question_id]) for c in cands]
+
+
+def stop_training_at(monkeypatch, n: int | None) -> dict:
+    """Count training steps (LM loss calls) and stop the job (Ctrl-C) at the ``n``-th
+    one, as a killed run would be. Returns ``{"calls": steps so far, "stop_at": n}``;
+    set ``stop_at`` to None (and ``calls`` to 0) to let the next attempt run through."""
+    from lada.models import training
+
+    real, state = training.lm_loss, {"calls": 0, "stop_at": n}
+
+    def loss(model, batch):
+        state["calls"] += 1
+        if state["calls"] == state["stop_at"]:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(training, "lm_loss", loss)
+    return state

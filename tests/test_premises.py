@@ -13,6 +13,7 @@ from lada.data.answers import chain_share
 from lada.data.records import example_target
 from lada.experiments import premises as pm
 from lada.hosts.common import transfer_steps
+from helpers import stop_training_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,25 +77,14 @@ def test_a_stopped_cell_goes_on_from_its_training_state(tmp_path, monkeypatch):
     cells = tmp_path / "b" / "seed0"
     cells.mkdir(parents=True)
     (cells / "central-client0.0123456789abcdef.7.partial.pt").write_bytes(b"another input's state")
-    real, calls = training.lm_loss, []
-
-    def stop_at(n):
-        def loss(model, batch):
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return real(model, batch)
-        return loss
-
-    monkeypatch.setattr(training, "lm_loss", stop_at(3))
+    steps = stop_training_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pm.run_cell(b, "central-client0", lambda: pm.cell_central(b, "client0"))
     states = [p.name for p in cells.glob("*.partial.pt")]
     assert len(states) == 1 and ".0123456789abcdef." not in states[0] and b._cell is None
-    calls.clear()
-    monkeypatch.setattr(training, "lm_loss", stop_at(10 ** 6))
+    steps.update(calls=0, stop_at=None)
     resumed = pm.run_cell(b, "central-client0", lambda: pm.cell_central(b, "client0"))
-    assert len(calls) == unbroken["train_steps"] - 2  # from the stopped 3rd step on: 2 steps were saved
+    assert steps["calls"] == unbroken["train_steps"] - 2  # from the stopped 3rd step on: 2 steps were saved
     assert resumed == unbroken
     assert not list(cells.glob("*.partial.pt"))
     seconds = json.loads((cells / "central-client0.json").read_text())["seconds"]

@@ -11,6 +11,7 @@ from lada.config import ModelConfig, TrainConfig
 from lada.data.synthetic import generate
 from lada.models import warmup as wu
 from lada.models.warmup import find_shipped_checkpoint, read_meta, warmup_checkpoint, warmup_fingerprint
+from helpers import stop_training_at
 
 CORPUS = [f"Question: {ex.question}\nAnswer:\n{ex.rationale}\n#### {ex.answer}" for ex in generate("general", 60, 5)]
 TRAIN = TrainConfig(max_length=128)
@@ -152,27 +153,16 @@ def test_a_stopped_warmup_goes_on_from_its_saved_state_and_ends_as_an_unbroken_o
     cfg = _cfg(name="tiny-gpt2")
     unbroken = warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "a", train_cfg=TRAIN, progress=False,
                                  stages=stages, use_shipped=False)
-    real, calls = training.lm_loss, []
-
-    def stop_at(n):
-        def loss(model, batch):
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return real(model, batch)
-        return loss
-
-    monkeypatch.setattr(training, "lm_loss", stop_at(4 + 3))  # stage 1's 4 steps, then stage 2's 3rd
+    steps = stop_training_at(monkeypatch, 4 + 3)  # stage 1's 4 steps, then stage 2's 3rd
     with pytest.raises(KeyboardInterrupt):
         warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "b", train_cfg=TRAIN, progress=False, stages=stages,
                           use_shipped=False)
     partial = tmp_path / "b" / "warmup" / f"{unbroken.name}.partial"
     assert sorted(p.name for p in partial.iterdir()) == ["stage0.pt", "stage1.pt"]
-    calls.clear()
-    monkeypatch.setattr(training, "lm_loss", stop_at(10 ** 6))
+    steps.update(calls=0, stop_at=None)
     resumed = warmup_checkpoint(cfg, [], CORPUS, 0, tmp_path / "b", train_cfg=TRAIN, progress=False,
                                 stages=stages, use_shipped=False)
-    assert len(calls) == 6 - 2  # stage 2's steps 3-6 only: stage 1 and two steps of stage 2 were saved
+    assert steps["calls"] == 6 - 2  # stage 2's steps 3-6 only: stage 1 and two steps of stage 2 were saved
     assert resumed.name == unbroken.name and not partial.exists()
     a, b = _weights(unbroken), _weights(resumed)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
