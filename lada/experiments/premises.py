@@ -151,8 +151,7 @@ def _train_eval(ctx: Context, who: str, pairs: list[tuple[str, str]], steps: int
     lm = ctx.model(who)
     # a long cell (the LLM's centralised bound: about an hour on a 2-core CPU) saves its training
     # state every few minutes and logs progress, so a stopped measurement loses minutes
-    stats = train_steps(lm, pairs, steps, ctx.cfg.train, seed=seed, desc=desc, resume_file=_partial(ctx, seed)) \
-        if steps else {"steps": 0, "tokens": 0, "loss": float("nan"), "seconds_before": 0.0}
+    stats = train_steps(lm, pairs, steps, ctx.cfg.train, seed=seed, desc=desc, resume_file=_partial(ctx, seed))
     ctx._seconds_before += stats["seconds_before"]
     return {**_eval(ctx, lm, who), "train_steps": stats["steps"], "train_tokens": stats["tokens"],
             "train_loss": stats["loss"], "train_examples": len(pairs)}

@@ -161,16 +161,14 @@ def _train(model_cfg: ModelConfig, plan: list[Stage], corpus: list[str], seed: i
         if steps <= 0:
             continue
         pairs = [(example_prompt(ex), example_target(ex)) for ex in examples]
-        t0 = time.perf_counter()
         stats = train_steps(lm, pairs, steps, tcfg, seed + i, desc=f"warm-up {cfg.name} stage {i + 1}",
                             lr=model_cfg.warmup_lr, batch_size=model_cfg.warmup_batch_size,
                             progress=None if progress else False,
                             resume_file=partial / f"stage{i}.pt" if partial else None,
                             save_final=i < len(plan) - 1)  # a stage that is not the last one
-        here = time.perf_counter() - t0
-        earlier += max(0.0, stats["seconds"] - here)  # training time of a stopped attempt this one went on from
+        earlier += stats.pop("seconds_before")  # training time of a stopped attempt this one went on from
         stage_meta.append({"steps": steps, "examples": len(examples),
-                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str)) and k != "seconds_before"},
+                           **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
                            "seconds": round(stats["seconds"], 1)})
     seconds = time.perf_counter() - start + earlier
     save_model(lm, out)
